@@ -1,0 +1,35 @@
+"""Kernel templates, one per file, looked up by name."""
+from __future__ import annotations
+
+from .template import KnobError, Template
+
+_REGISTRY: dict[str, Template] = {}
+
+
+def register(template_cls):
+    """Class decorator: make a template findable by its name."""
+    inst = template_cls()
+    _REGISTRY[inst.name] = inst
+    return template_cls
+
+
+def _load_all() -> None:
+    # Imported here, not at module top, so `register` exists before they run.
+    from . import q4_gemv  # noqa: F401
+
+
+def get_template(name: str) -> Template:
+    """The template called `name`; KeyError naming the known ones otherwise."""
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown kernel template {name!r} (known: {', '.join(sorted(_REGISTRY))})") from None
+
+
+def all_templates() -> dict[str, Template]:
+    _load_all()
+    return dict(_REGISTRY)
+
+
+__all__ = ["KnobError", "Template", "register", "get_template", "all_templates"]

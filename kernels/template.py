@@ -1,0 +1,93 @@
+"""What every kernel template is: a compute definition, schedules as functions of
+knobs, a declared knob space and a NumPy reference. Templates know nothing about
+databases or search; the tuner and the compiler only talk to this interface."""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from typing import Any
+
+import numpy as np
+
+
+def target_is_gpu(target) -> bool:
+    return target.kind.name in ("cuda", "rocm", "vulkan", "metal", "opencl")
+
+
+class KnobError(ValueError):
+    """Knobs that are not in a template's declared space."""
+
+
+class Template:
+    name: str = ""
+    #: knob name -> allowed values, per kind of target ("gpu", "cpu").
+    gpu_knobs: dict[str, list] = {}
+    cpu_knobs: dict[str, list] = {}
+
+    @property
+    def knob_space(self) -> dict[str, list]:
+        """Every declared knob, GPU and CPU together."""
+        return {**self.gpu_knobs, **self.cpu_knobs}
+
+    def space_for(self, target) -> dict[str, list]:
+        return self.gpu_knobs if target_is_gpu(target) else self.cpu_knobs
+
+    # --- to implement -------------------------------------------------------
+    def compute(self, wl: dict):
+        """The unscheduled PrimFunc for workload `wl`."""
+        raise NotImplementedError
+
+    def schedule(self, wl: dict, knobs: dict, target) -> Any:
+        """An IRModule holding the scheduled PrimFunc under the name "main"."""
+        raise NotImplementedError
+
+    def check(self, wl: dict, knobs: dict, target) -> str | None:
+        """Why these knobs cannot build for this workload/target, or None.
+        Lets the tuner prune a candidate before spending a build on it."""
+        return None
+
+    def default_knobs(self, wl: dict, target) -> dict:
+        """A sensible untuned choice, used when the database has no record."""
+        raise NotImplementedError
+
+    def inputs(self, wl: dict, rng: np.random.Generator) -> list[np.ndarray]:
+        """Random inputs followed by an output buffer, as the kernel takes them."""
+        raise NotImplementedError
+
+    def reference(self, inputs: list[np.ndarray]) -> np.ndarray:
+        """The NumPy result the kernel's output must match."""
+        raise NotImplementedError
+
+    def bytes_moved(self, wl: dict) -> int:
+        """The fewest bytes the kernel must move through device memory."""
+        raise NotImplementedError
+
+    #: tolerance of ||out - ref|| / ||ref|| for the numerics gate
+    tolerance: float = 2e-3
+
+    # --- shared ---------------------------------------------------------------
+    def validate_knobs(self, knobs: dict) -> None:
+        """Raise KnobError unless `knobs` sets every knob of the GPU or the CPU space,
+        each to a declared value, and nothing else."""
+        if not isinstance(knobs, dict):
+            raise KnobError(f"{self.name}: knobs must be an object, got {type(knobs).__name__}")
+        space = self.gpu_knobs if set(knobs) == set(self.gpu_knobs) else self.cpu_knobs
+        missing = sorted(set(space) - set(knobs))
+        extra = sorted(set(knobs) - set(space))
+        if missing or extra:
+            raise KnobError(f"{self.name}: knobs missing {missing} / unknown {extra}")
+        for key, allowed in space.items():
+            if knobs[key] not in allowed:
+                raise KnobError(f"{self.name}: knob {key}={knobs[key]!r} is not one of {allowed}")
+
+    @property
+    def source_hash(self) -> str:
+        """Changes whenever the template's code or knob space changes, so stored
+        records made with an older version are recognised as stale."""
+        src = inspect.getsource(inspect.getmodule(type(self)))
+        space = json.dumps(self.knob_space, sort_keys=True)
+        return hashlib.sha256((src + "\n" + space).encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"<template {self.name}>"

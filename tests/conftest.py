@@ -1,0 +1,50 @@
+"""Shared test fixtures. The database tests need a template whose knob space they
+control: `db_template` registers a small real one for the test and removes it after,
+so other tests' template lists never see it."""
+from __future__ import annotations
+
+import pytest
+
+from shardtune import kernels
+from shardtune.kernels import Template
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes longer than the rest of its suite together")
+
+
+class DbTestTemplate(Template):
+    """Only the name, knob space, tolerance and source hash matter to the database."""
+
+    name = "dbtest_gemv"
+    gpu_knobs = {"rows": [1, 2, 4], "vec": [1, 2]}
+    knob_space = gpu_knobs  # the whole declared space (this template has no CPU knobs)
+    tolerance = 1e-3
+
+
+@pytest.fixture
+def db_template():
+    kernels.register(DbTestTemplate)
+    yield kernels.get_template(DbTestTemplate.name)
+    kernels._REGISTRY.pop(DbTestTemplate.name, None)
+
+
+@pytest.fixture
+def make_record(db_template):
+    """record(**overrides) -> a Record valid here (current hash, knobs in space, this TVM)."""
+    from shardtune.database import Record
+    from shardtune.database.checks import installed_tvm_version
+
+    def make(**overrides):
+        fields = dict(
+            template=db_template.name, template_hash=db_template.source_hash,
+            workload={"N": 256, "K": 512, "batch": 1}, arch="sm_90", shards=1,
+            device="test GPU", compute_units=132, knobs={"rows": 2, "vec": 1},
+            latency_us=10.0, latency_spread_us=0.2, runs=50, bandwidth_gbps=100.0,
+            max_rel_error=1e-4, trials=8, tvm_version=installed_tvm_version(),
+            created_at="2026-11-26T12:00:00Z",
+        )
+        fields.update(overrides)
+        return Record(**fields)
+
+    return make

@@ -1,0 +1,44 @@
+"""On a GPU: tuned candidates, the default knobs and the dlight baseline all match
+the NumPy reference, measure below the copy bandwidth, and a short tune stores records."""
+import numpy as np
+import tvm
+
+import shardtune
+from shardtune.database import TuningDB
+from shardtune.kernels import get_template
+from shardtune.tuner.measure import Bench
+from shardtune.tuner.targets import get_arch, local_gpu_arch
+
+
+def test_candidates_match_reference_and_stay_under_copy_bandwidth():
+    arch = get_arch(local_gpu_arch())
+    target = tvm.target.Target(arch.target)
+    tpl = get_template("q4f16_1_gemv")
+    bench = Bench(arch.target, "cuda")
+    try:
+        copy = bench.copy_bandwidth()
+        bench.ceiling_gbps = copy
+        rng = np.random.default_rng(0)
+        for wl in ({"batch": 1, "N": 4096, "K": 4096, "quant": "q4f16_1"},
+                   {"batch": 4, "N": 1024, "K": 11008, "quant": "q4f16_1"}):
+            cands = [tpl.default_knobs(wl, target), None]
+            space = tpl.space_for(target)
+            while len(cands) < 6:
+                k = {n: v[rng.integers(len(v))] for n, v in space.items()}
+                if tpl.check(wl, k, target) is None:
+                    cands.append(k)
+            for (path, err), knobs in zip(bench.build_many(tpl.name, wl, cands), cands):
+                assert path, err
+                m = bench.measure(path, tpl.name, wl)
+                assert m.ok, (knobs, m.error)
+                assert m.rel_error < tpl.tolerance
+    finally:
+        bench.close()
+
+
+def test_short_gpu_tune_stores_records(tmp_path):
+    db = tmp_path / "gpu.db"
+    recs = shardtune.tune(arch=local_gpu_arch(), shards=1, model="tiny", db=str(db), trials_per_kernel=4,
+                          progress=False)
+    assert recs and all(r.arch == local_gpu_arch() and r.extra["baseline_us"] for r in recs)
+    assert len(TuningDB.open_existing(db)) == len(recs)

@@ -1,0 +1,169 @@
+"""`shardtune db ...` as a user runs it: a real process, exit codes, one-line errors."""
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from shardtune.database import Record, TuningDB, canonical, export_jsonl
+from shardtune.database.checks import installed_tvm_version
+from shardtune.kernels import KnobError, get_template
+
+TEMPLATE = "q4f16_1_gemv"  # a real template, so records are valid in the child process too
+
+
+def shardtune(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "shardtune", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def _knobs_in_space(tpl) -> dict:
+    """Some knob setting the template accepts, whatever its space looks like."""
+    for space in (getattr(tpl, "gpu_knobs", None), getattr(tpl, "cpu_knobs", None), tpl.knob_space):
+        if space:
+            knobs = {name: values[0] for name, values in space.items()}
+            try:
+                tpl.validate_knobs(knobs)
+                return knobs
+            except KnobError:
+                pass
+    raise AssertionError(f"no valid knobs found for {tpl.name}")
+
+
+@pytest.fixture
+def q4_record():
+    tpl = get_template(TEMPLATE)
+    knobs = _knobs_in_space(tpl)
+
+    def make(**overrides):
+        fields = dict(template=TEMPLATE, template_hash=tpl.source_hash,
+                      workload={"N": 4096, "K": 4096, "batch": 1, "quant": "q4f16_1"}, arch="sm_90",
+                      shards=1, device="NVIDIA H100 80GB HBM3", compute_units=132, knobs=knobs,
+                      latency_us=20.0, latency_spread_us=0.3, runs=100, bandwidth_gbps=900.0,
+                      max_rel_error=1e-4, tvm_version=installed_tvm_version(),
+                      created_at="2026-11-26T12:00:00Z")
+        fields.update(overrides)
+        return Record(**fields)
+
+    return make
+
+
+def _one_line_error(proc, *expected):
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("shardtune: error: ")
+    for text in expected:
+        assert text in proc.stderr
+
+
+def test_init_import_export(tmp_path, q4_record):
+    db, src = tmp_path / "t.db", tmp_path / "in.jsonl"
+    records = [q4_record(latency_us=20.0), q4_record(latency_us=18.0, created_at="2026-11-27T00:00:00Z"),
+               q4_record(shards=2, workload={"N": 2048, "K": 4096, "batch": 1, "quant": "q4f16_1"})]
+    src.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in reversed(records)))
+
+    proc = shardtune("db", "init", db)
+    assert proc.returncode == 0 and "schema 2, 0 records" in proc.stdout
+    proc = shardtune("db", "import", db, src)
+    assert proc.returncode == 0 and "imported 3 records" in proc.stdout
+    proc = shardtune("db", "import", db, src)
+    assert proc.returncode == 0 and "imported 0 records" in proc.stdout and "(3 already present)" in proc.stdout
+
+    expected = io.StringIO()
+    with TuningDB.open_existing(db) as tdb:
+        export_jsonl(tdb, expected)
+    proc = shardtune("db", "export", db)
+    assert proc.returncode == 0 and proc.stdout == expected.getvalue()
+    # by key (workload text sorts N=2048 first), then oldest first
+    assert [(d["workload"]["N"], d["latency_us"]) for d in map(json.loads, proc.stdout.splitlines())] == [
+        (2048, 20.0), (4096, 20.0), (4096, 18.0)]
+    proc = shardtune("db", "export", db, "-o", tmp_path / "out.jsonl")
+    assert proc.returncode == 0 and (tmp_path / "out.jsonl").read_text() == expected.getvalue()
+
+
+def test_best_validate_stats(tmp_path, q4_record):
+    db = tmp_path / "t.db"
+    with TuningDB(db) as tdb:
+        tdb.add_many([q4_record(latency_us=20.0), q4_record(latency_us=15.5),
+                      q4_record(latency_us=3.0, tvm_version="0.1.0"),   # fastest, but stale
+                      q4_record(arch="sm_89", latency_us=1.0)])
+        best = tdb.best_per_key(arch="sm_90", shards=1)
+
+    proc = shardtune("db", "best", db, "--arch", "sm_90", "--shards", 1)
+    assert proc.returncode == 0
+    header, rule, *rows = proc.stdout.splitlines()
+    assert header.split()[:5] == ["template", "workload", "arch", "shards", "us"]
+    assert len(rows) == 1 and "15.50 ±0.30" in rows[0] and rows[0].startswith(TEMPLATE)
+    assert header.index("us ") == rows[0].index("15.50")  # aligned columns
+
+    proc = shardtune("db", "best", db, "--arch", "sm_90", "--shards", 1, "--json")
+    assert proc.returncode == 0
+    assert [Record(**json.loads(line)) for line in proc.stdout.splitlines()] == best
+    assert proc.stdout == "".join(canonical(r.to_dict()) + "\n" for r in best)
+
+    proc = shardtune("db", "validate", db)
+    assert proc.returncode == 0   # stale records are normal: reported, not an error
+    assert "4 records, 3 valid, 1 stale" in proc.stdout and "tuned with TVM 0.1.0" in proc.stdout
+
+    proc = shardtune("db", "stats", db)
+    assert proc.returncode == 0 and "schema 2" in proc.stdout and "4 records (3 valid, 1 stale)" in proc.stdout
+    assert any(line.split()[:6] == [TEMPLATE, "sm_90", "1", "1", "3", "1"] for line in proc.stdout.splitlines())
+
+
+def test_merge_and_diff(tmp_path, q4_record):
+    a, b = tmp_path / "a.db", tmp_path / "b.db"
+    wl2 = {"N": 11008, "K": 4096, "batch": 1, "quant": "q4f16_1"}
+    with TuningDB(a) as tdb:
+        tdb.add_many([q4_record(latency_us=20.0), q4_record(workload=wl2, latency_us=50.0),
+                      q4_record(arch="sm_89", latency_us=30.0)])
+    with TuningDB(b) as tdb:
+        tdb.add_many([q4_record(latency_us=30.0, host="b"), q4_record(workload=wl2, latency_us=50.5, host="b"),
+                      q4_record(arch="sm_89", latency_us=10.0, host="b")])
+
+    proc = shardtune("db", "merge", tmp_path / "m.db", a, b, "--arch", "sm_90")
+    assert proc.returncode == 0, proc.stderr
+    assert f"merged 2 keys from 2 databases into {tmp_path / 'm.db'}" in proc.stdout
+    assert "1 conflicts" in proc.stdout
+    conflict = [line for line in proc.stdout.splitlines() if "20.00" in line]
+    assert len(conflict) == 1 and "30.00" in conflict[0] and str(a) in conflict[0] and str(b) in conflict[0]
+    with TuningDB.open_existing(tmp_path / "m.db") as tdb:
+        assert sorted(r.latency_us for r in tdb.records()) == [20.0, 50.0]
+
+    proc = shardtune("db", "diff", a, b)
+    assert proc.returncode == 0
+    changes = {line.split()[0] for line in proc.stdout.splitlines()[2:-1]}
+    assert changes == {"slower", "unchanged", "faster"}
+    assert proc.stdout.splitlines()[-1] == "1 faster, 1 slower, 1 unchanged, 0 appeared, 0 vanished"
+
+
+def test_bad_input_is_one_line_and_touches_nothing(tmp_path, q4_record):
+    foreign = tmp_path / "foreign.db"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE photos (id INTEGER)")
+    conn.commit()
+    conn.close()
+    before = foreign.read_bytes()
+    _one_line_error(shardtune("db", "import", foreign, tmp_path / "none.jsonl"), "none.jsonl", "cannot read")
+    (tmp_path / "x.jsonl").write_text(json.dumps(q4_record().to_dict()) + "\n")
+    _one_line_error(shardtune("db", "import", foreign, tmp_path / "x.jsonl"), str(foreign),
+                    "not a shardtune database")
+    assert foreign.read_bytes() == before
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(q4_record().to_dict()) + "\n" + json.dumps({**q4_record().to_dict(), "runs": 1.5}) + "\n")
+    _one_line_error(shardtune("db", "import", tmp_path / "new.db", bad), f"{bad}:2: field runs must be an integer")
+    assert not (tmp_path / "new.db").exists()
+
+    _one_line_error(shardtune("db", "export", tmp_path / "missing.db"), "missing.db: no such database")
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_default_database_from_environment(tmp_path):
+    env = {"SHARDTUNE_DB": str(tmp_path / "env.db"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = shardtune("db", "init", env=env)
+    assert proc.returncode == 0 and str(tmp_path / "env.db") in proc.stdout
+    assert (tmp_path / "env.db").is_file()

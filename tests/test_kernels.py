@@ -1,0 +1,111 @@
+"""Every template against its NumPy reference on the CPU, and CUDA candidates that compile."""
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tvm
+
+from shardtune.kernels import KnobError, all_templates, get_template
+from shardtune.kernels.q4_gemv import dequantize, pack_q4, unpack_q4
+from shardtune.tuner.targets import get_arch, target_of
+
+CPU = target_of(get_arch("cpu"))
+
+
+def run_cpu(tpl, wl, knobs, seed=0):
+    ex = tvm.compile(tpl.schedule(wl, knobs, CPU), target=CPU)
+    inputs = tpl.inputs(wl, np.random.default_rng(seed))
+    args = [tvm.runtime.tensor(a) for a in inputs]
+    args[-1].copyfrom(np.full(inputs[-1].shape, np.nan, inputs[-1].dtype))
+    ex.mod["main"](*args)
+    out, ref = args[-1].numpy().astype(np.float64), tpl.reference(inputs).astype(np.float64)
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+def test_pack_roundtrip_and_dequantize():
+    rng = np.random.default_rng(1)
+    q = rng.integers(0, 16, (3, 64))
+    wq = pack_q4(q)
+    assert wq.dtype == np.uint32 and wq.shape == (3, 8)
+    assert (unpack_q4(wq) == q).all()
+    assert (wq[0, 0] & 15) == q[0, 0] and (wq[0, 0] >> 28) == q[0, 7]
+    scale = np.full((3, 2), 0.5, np.float16)
+    assert np.allclose(dequantize(wq, scale), (q - 7) * 0.5)
+
+
+@pytest.mark.parametrize("name", sorted(all_templates()))
+@pytest.mark.parametrize("batch,N,K", [(1, 256, 512), (3, 64, 1024), (4, 96, 256)])
+def test_template_matches_reference_on_cpu(name, batch, N, K):
+    tpl = get_template(name)
+    wl = {"batch": batch, "N": N, "K": K, "quant": "q4f16_1"}
+    rng = np.random.default_rng(batch * N)
+    space = tpl.space_for(CPU)
+    tried = 0
+    for _ in range(200):   # a few random valid knob settings, fresh inputs each
+        knobs = {k: v[rng.integers(len(v))] for k, v in space.items()}
+        if tpl.check(wl, knobs, CPU) is None:
+            assert run_cpu(tpl, wl, knobs, seed=tried) < tpl.tolerance, knobs
+            tried += 1
+        if tried == 3:
+            break
+    assert tried == 3
+
+
+def test_knob_validation():
+    tpl = get_template("q4f16_1_gemv")
+    tpl.validate_knobs({"rows": 4, "lanes": 16, "unroll": 1})
+    tpl.validate_knobs({"rows": 4, "tx": 32, "vec": 4, "unroll": 1, "x_scope": "global"})
+    with pytest.raises(KnobError, match="not one of"):
+        tpl.validate_knobs({"rows": 3, "lanes": 16, "unroll": 1})
+    with pytest.raises(KnobError, match="missing"):
+        tpl.validate_knobs({"rows": 4, "tx": 32})
+    with pytest.raises(KnobError, match="object"):
+        tpl.validate_knobs([1, 2])
+    with pytest.raises(KeyError, match="unknown kernel template"):
+        get_template("q9_gemv")
+
+
+def test_source_hash_is_stable_and_short():
+    tpl = get_template("q4f16_1_gemv")
+    assert tpl.source_hash == get_template("q4f16_1_gemv").source_hash
+    assert len(tpl.source_hash) == 16
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_candidates_compile(arch):
+    """Default and a few random valid GPU candidates generate CUDA that nvcc accepts."""
+    tpl = get_template("q4f16_1_gemv")
+    target = target_of(get_arch(arch))
+    wl = {"batch": 1, "N": 512, "K": 4096, "quant": "q4f16_1"}
+    rng = np.random.default_rng(0)
+    space = tpl.space_for(target)
+    cands = [tpl.default_knobs(wl, target)]
+    while len(cands) < 4:
+        k = {n: v[rng.integers(len(v))] for n, v in space.items()}
+        if tpl.check(wl, k, target) is None:
+            cands.append(k)
+    for knobs in cands:
+        with target:
+            src = tvm.compile(tpl.schedule(wl, knobs, target), target=target).mod.imports[0].inspect_source()
+        assert "__global__" in src and "uint4" in src or knobs["vec"] < 4
+        if shutil.which("nvcc"):
+            with target:
+                cubin = tvm.support.nvcc.compile_cuda(src, target_format="cubin", compiler="nvcc")
+            assert len(cubin) > 1000
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "gfx1100"])
+def test_every_valid_gpu_knob_setting_schedules(arch):
+    """What check() lets through schedules (a random sample of the valid settings)."""
+    import itertools
+
+    tpl = get_template("q4f16_1_gemv")
+    target = target_of(get_arch(arch))
+    for wl in ({"batch": 1, "N": 512, "K": 256, "quant": "q4f16_1"},
+               {"batch": 2, "N": 64, "K": 4096, "quant": "q4f16_1"}):
+        valid = [dict(zip(tpl.gpu_knobs, v)) for v in itertools.product(*tpl.gpu_knobs.values())]
+        valid = [k for k in valid if tpl.check(wl, k, target) is None]
+        rng = np.random.default_rng(len(valid))
+        for i in rng.choice(len(valid), size=min(40, len(valid)), replace=False):  # a sample keeps CI fast
+            tpl.schedule(wl, valid[i], target)

@@ -1,0 +1,115 @@
+"""Real CPU tuning of the `tiny` model into real SQLite files."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+import shardtune
+from shardtune.database import TuningDB
+from shardtune.kernels import get_template
+
+TUNE = [sys.executable, "-c", "import sys; from shardtune.cli import tune_main; sys.exit(tune_main())"]
+
+
+def tune_cli(*args, timeout=300):
+    return subprocess.run([*TUNE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def finished_trials(studies_path):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{studies_path}")
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    return {s.study_name: sum(t.state in done for t in optuna.load_study(study_name=s.study_name, storage=storage).trials)
+            for s in optuna.study.get_all_study_summaries(storage)}
+
+
+def test_cpu_tune_writes_checked_records(tmp_path):
+    db = tmp_path / "t.db"
+    recs = shardtune.tune(arch="cpu", shards=1, model="tiny", db=str(db), trials_per_kernel=3, progress=False)
+    store = TuningDB.open_existing(db)
+    assert len(store) == len(recs) >= 4            # 4 distinct GEMV shapes in tiny, up to 3 records each
+    valid, stale = store.validate()
+    assert not stale
+    tpl = get_template("q4f16_1_gemv")
+    shapes = {(r.workload["N"], r.workload["K"]) for r in recs}
+    assert shapes == {(512, 256), (256, 256), (1024, 256), (256, 512)}
+    for r in recs:
+        assert r.max_rel_error < tpl.tolerance and r.latency_us > 0 and r.runs >= 10
+        assert r.template_hash == tpl.source_hash and r.status == "complete" and r.trials == 3
+    best = store.best("q4f16_1_gemv", recs[0].workload, recs[0].arch, 1)
+    assert best.latency_us == min(r.latency_us for r in recs if r.workload == recs[0].workload)
+
+
+def test_resume_after_kill(tmp_path):
+    db = tmp_path / "t.db"
+    studies = tmp_path / "t.studies.db"
+    proc = subprocess.Popen([*TUNE, "--arch", "cpu", "--model", "tiny", "--db", str(db), "--no-progress",
+                             "--trials-per-kernel", "40"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            time.sleep(1)
+            if studies.exists():
+                counts = finished_trials(studies)
+                if counts and max(counts.values()) >= 3:
+                    break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    before = finished_trials(studies)
+    first, done = max(before.items(), key=lambda kv: kv[1])
+    assert done >= 3
+    r = tune_cli("--arch", "cpu", "--model", "tiny", "--db", str(db), "--no-progress",
+                 "--trials-per-kernel", str(done + 1))
+    assert r.returncode == 0, r.stderr
+    after = finished_trials(studies)
+    assert after[first] == done + 1        # the killed run's trials were kept, one more was made
+    recs = TuningDB.open_existing(db).records()
+    assert {rec.trials for rec in recs} == {done + 1}
+
+
+def test_concurrent_tuners_lose_nothing(tmp_path):
+    db = str(tmp_path / "t.db")
+    procs = [subprocess.Popen([*TUNE, "--arch", "cpu", "--model", "tiny", "--db", db, "--no-progress",
+                               "--trials-per-kernel", "2", "--seed", str(s), "--builders", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in (1, 2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-500:] for o in outs]
+    store = TuningDB.open_existing(db)
+    assert len(store) >= 8 and not store.validate()[1]
+    # Both processes' closing tables appear: each ran every kernel.
+    assert all(o[0].count("q4f16_1_gemv") == 4 for o in outs)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--arch", "gfx1100"], "needs a local gfx1100 GPU"),
+    (["--arch", "sm_99"], "unknown arch 'sm_99'"),
+    (["--arch", "cpu", "--model", "llama2-70b", "--shards", "3"], "3 shards do not divide"),
+    (["--arch", "cpu", "--model", "gpt5"], "unknown model"),
+    (["--arch", "cpu", "--kernels", "conv"], "unknown kernel kind"),
+    (["--arch", "cpu", "--time-budget", "soon"], "--time-budget"),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+    db = tmp_path / "t.db"
+    r = tune_cli(*args, "--db", str(db), "--no-progress")
+    assert r.returncode == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not db.exists()
+
+
+def test_corrupt_database_is_refused_untouched(tmp_path):
+    db = tmp_path / "t.db"
+    db.write_bytes(b"this is not sqlite" * 100)
+    before = db.read_bytes()
+    r = tune_cli("--arch", "cpu", "--db", str(db), "--no-progress", "--trials-per-kernel", "1")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert db.read_bytes() == before
+
+
+def test_dry_run_builds_cuda_candidates_without_a_gpu(tmp_path):
+    r = tune_cli("--arch", "sm_90", "--dry-run", "--model", "tiny", "--trials-per-kernel", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("2/2 built") == 4

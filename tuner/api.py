@@ -1,0 +1,225 @@
+"""`shardtune.tune(...)`: tune every kernel of a model for an arch and shard count,
+store the results in the tuning database, and return the records stored."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shlex
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UserError
+from ..kernels import get_template
+from .measure import Bench, Measurement
+from .search import open_study, search, study_name
+from .targets import get_arch, local_gpu_arch, target_of
+from .workloads import kernel_instances
+
+KEEP_PER_KEY = 3   # the best few distinct candidates of a run go to the database (top-k queries)
+
+
+@dataclass
+class Row:
+    """One line of the closing table."""
+    template: str
+    shape: str
+    best_us: float
+    gbps: float
+    pct_copy: float
+    baseline_us: float
+    trials: int
+    status: str
+
+
+def parse_duration(text: str | float | None) -> float | None:
+    """'10m', '90s', '1h', '600' -> seconds."""
+    if text is None or isinstance(text, (int, float)):
+        return text
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise UserError(f"--time-budget {text!r}: use a number of seconds or e.g. 90s, 10m, 1h") from None
+
+
+def _device_description(device_type: str) -> tuple[str, int, str]:
+    import tvm
+
+    if device_type == "cpu":
+        name = platform.processor() or platform.machine()
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        return name, os.cpu_count() or 1, platform.release()
+    dev = tvm.runtime.device(device_type, 0)
+    return dev.device_name, dev.multi_processor_count, str(dev.driver_version or dev.api_version or "")
+
+
+def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_kernel: int = 48,
+         time_budget: float | str | None = None, seed: int = 0, kernels: list[str] | None = None,
+         dry_run: bool = False, builders: int | None = None, batch: int = 1, progress: bool = True,
+         out=sys.stdout) -> list:
+    """Tune, store, print a table; returns the Records stored (empty on a dry run)."""
+    import tvm
+    import tvm_ffi
+
+    from .. import __version__
+    from ..database import Record, TuningDB, default_db_path
+    from ..database.records import canonical
+
+    a = get_arch(arch)
+    instances = kernel_instances(model, shards, kernels, batch=batch)
+    budget = parse_duration(time_budget)
+    if a.vendor == "cpu":
+        device_type = "cpu"
+    else:
+        local = local_gpu_arch()
+        if local != a.name and not dry_run:
+            raise UserError(f"--arch {a.name} needs a local {a.name} GPU to measure on, and this machine has "
+                            f"{local or 'none'}: pass --dry-run to build the candidates only")
+        device_type = None if dry_run else ("cuda" if a.vendor == "nvidia" else "rocm")
+    target = target_of(a)
+    bench = Bench(a.target, None if dry_run else device_type, builders=builders)
+    try:
+        if dry_run:
+            return _dry_run(instances, target, bench, trials_per_kernel, seed, out)
+        db_path = str(db or default_db_path())
+        store = TuningDB(db_path)
+        copy_gbps = bench.copy_bandwidth()
+        bench.ceiling_gbps = copy_gbps
+        dev_name, units, runtime_version = _device_description(device_type)
+        studies = os.path.splitext(db_path)[0] + ".studies.db"
+        start = time.monotonic()
+        total = trials_per_kernel * len(instances)
+        bar = _progress(total, progress)
+        stored, rows = [], []
+        for i, inst in enumerate(instances):
+            tpl = get_template(inst.template)
+            left = None if budget is None else budget - (time.monotonic() - start)
+            deadline = float("inf") if left is None else time.monotonic() + max(0.0, left) / (len(instances) - i)
+            wl_key = canonical(inst.workload)
+            study = open_study(studies, study_name(tpl, wl_key, a.name, shards), seed)
+            warm = _warm_knobs(store, tpl, inst.workload, a.name, target)
+            bar.set_description(f"{tpl.name} {inst.workload['N']}x{inst.workload['K']}")
+            before = bar.n
+            res = search(tpl, inst.workload, target, study, bench, trials_per_kernel, deadline, warm,
+                         seed, on_trial=lambda: bar.update(1))
+            bar.update(max(0, before + trials_per_kernel - bar.n))
+            best = res.best(KEEP_PER_KEY)
+            baseline = _baseline(bench, tpl, inst.workload, target, a.vendor)
+            shape = f"{inst.workload['N']}x{inst.workload['K']}" + (
+                f" b{inst.workload['batch']}" if inst.workload["batch"] > 1 else "")
+            if not best:
+                rows.append(Row(tpl.name, shape, float("nan"), float("nan"), float("nan"),
+                                baseline.latency_us, res.spent, "no valid candidate"))
+                continue
+            now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            recs = [Record(
+                template=tpl.name, template_hash=tpl.source_hash, workload=inst.workload, arch=a.name,
+                shards=shards, device=dev_name, compute_units=units, knobs=t.knobs,
+                latency_us=t.m.latency_us, latency_spread_us=t.m.spread_us, runs=t.m.runs,
+                bandwidth_gbps=tpl.bytes_moved(inst.workload) / (t.m.latency_us * 1e-6) / 1e9,
+                max_rel_error=t.m.rel_error, status="complete" if res.complete else "partial",
+                trials=res.spent, tvm_version=tvm.__version__, tvm_ffi_version=tvm_ffi.__version__,
+                shardtune_version=__version__, runtime_version=runtime_version, host=socket.gethostname(),
+                created_at=now, command=_command_line(),
+                extra={"baseline_us": baseline.latency_us if baseline.ok else None,
+                       "baseline": "dlight" if a.vendor != "cpu" else "default knobs",
+                       "copy_gbps": copy_gbps, "layers": list(inst.layers)},
+            ) for t in best]
+            store.add_many(recs)
+            stored += recs
+            top = recs[0]
+            rows.append(Row(tpl.name, shape, top.latency_us, top.bandwidth_gbps,
+                            100 * top.bandwidth_gbps / copy_gbps, baseline.latency_us, res.spent, top.status))
+        bar.close()
+        print_table(rows, a.name, shards, dev_name, copy_gbps, out)
+        return stored
+    finally:
+        bench.close()
+
+
+def _command_line() -> str:
+    """How this process was started, as a user would type it (`python -m shardtune` -> shardtune)."""
+    prog = os.path.basename(sys.argv[0])
+    prog = "shardtune" if prog == "__main__.py" else prog
+    return " ".join(shlex.quote(x) for x in [prog, *sys.argv[1:]])
+
+
+def _warm_knobs(store, tpl, wl, arch, target, limit: int = 4) -> list[dict]:
+    """Knobs that won for the same template and arch on other shapes and shard counts."""
+    out = []
+    for rec in store.records(arch=arch, template=tpl.name):
+        if rec.workload != wl and rec.knobs not in out and tpl.check(wl, rec.knobs, target) is None:
+            try:
+                tpl.validate_knobs(rec.knobs)
+            except ValueError:
+                continue
+            out.append(rec.knobs)
+    return out[:limit]
+
+
+def _baseline(bench: Bench, tpl, wl, target, vendor) -> Measurement:
+    """What a tuned record must beat: dlight's schedule on GPUs, the default knobs on CPUs."""
+    knobs = None if vendor != "cpu" else tpl.default_knobs(wl, target)
+    path, err = bench.build_many(tpl.name, wl, [knobs])[0]
+    return Measurement(error=err) if path is None else bench.measure(path, tpl.name, wl)
+
+
+def _dry_run(instances, target, bench, trials, seed, out) -> list:
+    """Build candidates for every instance without measuring; report what built."""
+    rng = np.random.default_rng(seed)
+    print(f"dry run: building up to {trials} candidates per kernel for {target.kind.name} "
+          f"({target.attrs.get('arch') or target.attrs.get('mcpu') or ''}); nothing is measured or stored",
+          file=out)
+    failures = 0
+    for inst in instances:
+        tpl = get_template(inst.template)
+        space = tpl.space_for(target)
+        cands = [tpl.default_knobs(inst.workload, target)]
+        for _ in range(50 * trials):
+            if len(cands) >= trials:
+                break
+            k = {n: v[rng.integers(len(v))] for n, v in space.items()}
+            if k not in cands and tpl.check(inst.workload, k, target) is None:
+                cands.append(k)
+        built = bench.build_many(tpl.name, inst.workload, cands)
+        bad = [e for p, e in built if p is None]
+        failures += len(bad)
+        print(f"  {tpl.name} {inst.workload['N']}x{inst.workload['K']}: {len(built) - len(bad)}/{len(built)} built"
+              + (f" (first failure: {bad[0]})" if bad else ""), file=out)
+    if failures:
+        raise UserError(f"{failures} candidate(s) failed to build")
+    return []
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="trial", disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def print_table(rows: list[Row], arch: str, shards: int, device: str, copy_gbps: float, out) -> None:
+    print(f"\n{device} ({arch}), {shards} shard(s); copy bandwidth {copy_gbps:.0f} GB/s", file=out)
+    head = ["kernel", "shape (NxK)", "best us", "GB/s", "% copy", "baseline us", "speedup", "trials", "status"]
+    body = []
+    for r in rows:
+        speed = r.baseline_us / r.best_us if r.baseline_us == r.baseline_us and r.best_us == r.best_us else float("nan")
+        body.append([r.template, r.shape, f"{r.best_us:.2f}", f"{r.gbps:.0f}", f"{r.pct_copy:.0f}%",
+                     f"{r.baseline_us:.2f}", f"{speed:.2f}x", str(r.trials), r.status])
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)] if body else [len(h) for h in head]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for b in body:
+        print("  ".join(c.ljust(w) for c, w in zip(b, widths)), file=out)

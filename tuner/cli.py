@@ -1,0 +1,38 @@
+"""`tune` / `shardtune tune` arguments; a thin layer over shardtune.tune()."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_tune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", required=True,
+                   help="what to tune for: cpu (this host), sm_80/sm_86/sm_89/sm_90, gfx90a/gfx942/gfx1100")
+    p.add_argument("--shards", type=int, default=1, help="tensor-parallel shard count (default 1)")
+    p.add_argument("--model", default="tiny",
+                   help="tiny, llama2-7b, llama2-13b, llama2-70b, codellama-34b, llama3-8b, llama3-70b, "
+                        "or a path to a Hugging Face config.json (default tiny)")
+    p.add_argument("--db", help="tuning database (default ~/.cache/shardtune/tuning.db or $SHARDTUNE_DB)")
+    p.add_argument("--trials-per-kernel", type=int, default=48, metavar="N",
+                   help="candidates built and measured per kernel (default 48)")
+    p.add_argument("--time-budget", metavar="T", help="stop after T in all (e.g. 600, 90s, 10m)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kernels", default="gemv", help="comma-separated kernel kinds (default gemv)")
+    p.add_argument("--batch", type=int, default=1, choices=[1, 2, 3, 4], help="decode batch size (default 1)")
+    p.add_argument("--builders", type=int, help="parallel build processes (default: CPU count)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build candidates for --arch without measuring or storing (no GPU needed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..errors import UserError
+    from .api import tune
+
+    if args.trials_per_kernel < 1:
+        raise UserError("--trials-per-kernel must be at least 1")
+    tune(arch=args.arch, shards=args.shards, model=args.model, db=args.db,
+         trials_per_kernel=args.trials_per_kernel, time_budget=args.time_budget, seed=args.seed,
+         kernels=[k.strip() for k in args.kernels.split(",") if k.strip()], dry_run=args.dry_run,
+         builders=args.builders, batch=args.batch, progress=not args.no_progress)
+    return 0

@@ -1,0 +1,157 @@
+"""Knob search for one kernel instance: Optuna's TPE proposes, an XGBoost cost
+model trained on what was measured so far picks which proposals to build, and
+the study lives in SQLite so an interrupted search resumes where it stopped."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import optuna
+
+from .measure import Bench, Measurement
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class Trial:
+    knobs: dict
+    m: Measurement
+
+
+@dataclass
+class SearchResult:
+    trials: list[Trial] = field(default_factory=list)   # measured (this run and earlier ones)
+    spent: int = 0                                       # builds attempted, all runs
+    complete: bool = False                               # reached the trial budget
+
+    def best(self, k: int = 1) -> list[Trial]:
+        ok = sorted((t for t in self.trials if t.m.ok), key=lambda t: t.m.latency_us)
+        seen, out = set(), []
+        for t in ok:
+            key = tuple(sorted(t.knobs.items()))
+            if key not in seen:
+                seen.add(key)
+                out.append(t)
+        return out[:k]
+
+
+def features(knobs: dict, space: dict, wl: dict) -> list[float]:
+    """Numbers XGBoost can split on: log2 of numeric knobs, the index of the others."""
+    row = [math.log2(wl["N"]), math.log2(wl["K"]), float(wl.get("batch", 1))]
+    for name, values in space.items():
+        v = knobs[name]
+        row.append(math.log2(v) if isinstance(v, (int, float)) and v > 0 else float(values.index(v)))
+    return row
+
+
+class CostModel:
+    """Predicts log latency from knobs; ranks proposals once it has seen enough."""
+
+    MIN_POINTS = 8
+
+    def __init__(self, space: dict, seed: int):
+        self.space, self.seed, self.model = space, seed, None
+
+    def fit(self, wl: dict, trials: list[Trial]) -> None:
+        ok = [t for t in trials if t.m.ok]
+        if len(ok) < self.MIN_POINTS:
+            return
+        import xgboost as xgb
+
+        X = np.array([features(t.knobs, self.space, wl) for t in ok])
+        y = np.log([t.m.latency_us for t in ok])
+        params = {"max_depth": 4, "eta": 0.2, "seed": self.seed, "nthread": 1, "objective": "reg:squarederror"}
+        self.model = xgb.train(params, xgb.DMatrix(X, label=y), num_boost_round=60)
+
+    def rank(self, wl: dict, candidates: list[dict]) -> list[int]:
+        """Indices of `candidates`, most promising first (as proposed, before fitting)."""
+        if self.model is None or not candidates:
+            return list(range(len(candidates)))
+        import xgboost as xgb
+
+        pred = self.model.predict(xgb.DMatrix(np.array([features(k, self.space, wl) for k in candidates])))
+        return [int(i) for i in np.argsort(pred, kind="stable")]
+
+
+def study_name(tpl, wl_key: str, arch: str, shards: int) -> str:
+    # The template's hash is part of the name: trials of an older template version are not resumed.
+    return f"{tpl.name}@{tpl.source_hash}|{wl_key}|{arch}|{shards}"
+
+
+def open_study(storage_path: str, name: str, seed: int) -> optuna.Study:
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{storage_path}",
+        # Several tune processes may share the file: wait for the lock, don't fail.
+        engine_kwargs={"connect_args": {"timeout": 60}})
+    return optuna.create_study(study_name=name, storage=storage, direction="minimize",
+                               sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=8),
+                               load_if_exists=True)
+
+
+def _finished(study: optuna.Study) -> list[Trial]:
+    out = []
+    for t in study.get_trials():
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            a = t.user_attrs
+            out.append(Trial(dict(t.params), Measurement(t.value, a["spread_us"], a["runs"], a["rel_error"])))
+        elif t.state == optuna.trial.TrialState.FAIL and "error" in t.user_attrs:
+            out.append(Trial(dict(t.params), Measurement(error=t.user_attrs["error"])))
+    return out
+
+
+def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int, deadline: float,
+           warm_knobs: list[dict], seed: int, on_trial=lambda: None, batch: int = 4,
+           proposals: int = 16) -> SearchResult:
+    space = tpl.space_for(target)
+    dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()}
+    for knobs in [tpl.default_knobs(wl, target), *warm_knobs]:
+        if tpl.check(wl, knobs, target) is None:
+            study.enqueue_trial(knobs, skip_if_exists=True)
+
+    res = SearchResult(trials=_finished(study))
+    res.spent = len(res.trials)
+    tried = {tuple(sorted(t.knobs.items())) for t in res.trials}
+    model = CostModel(space, seed)
+    stale_rounds = 0
+    while res.spent < trials and time.monotonic() < deadline and stale_rounds < 20:
+        model.fit(wl, res.trials)
+        asked, cands = [], []
+        for _ in range(proposals):
+            t = study.ask(dists)
+            key = tuple(sorted(t.params.items()))
+            why = tpl.check(wl, t.params, target)
+            if why or key in tried or key in {tuple(sorted(c.items())) for c in cands}:
+                # Invalid (pruned before any build) or already measured.
+                study.tell(t, state=optuna.trial.TrialState.PRUNED)
+                continue
+            asked.append(t)
+            cands.append(dict(t.params))
+        if not asked:
+            stale_rounds += 1
+            continue
+        stale_rounds = 0
+        order = model.rank(wl, cands)
+        take = order[:min(batch, trials - res.spent)]
+        for i in order[len(take):]:   # the cost model passed these over: no build
+            study.tell(asked[i], state=optuna.trial.TrialState.PRUNED)
+        built = bench.build_many(tpl.name, wl, [cands[i] for i in take])
+        for i, (path, err) in zip(take, built):
+            m = Measurement(error=err) if path is None else bench.measure(path, tpl.name, wl)
+            t = asked[i]
+            if m.ok:
+                for k, v in (("spread_us", m.spread_us), ("runs", m.runs), ("rel_error", m.rel_error)):
+                    t.set_user_attr(k, v)
+                study.tell(t, m.latency_us)
+            else:
+                t.set_user_attr("error", m.error)
+                study.tell(t, state=optuna.trial.TrialState.FAIL)
+            res.trials.append(Trial(cands[i], m))
+            tried.add(tuple(sorted(cands[i].items())))
+            res.spent += 1
+            on_trial()
+    # Stopping because every valid knob setting was tried also completes a search.
+    res.complete = res.spent >= trials or stale_rounds >= 20
+    return res
