@@ -55,7 +55,7 @@ def test_template_matches_reference_on_cpu(name, batch, N, K):
 def test_knob_validation():
     tpl = get_template("q4f16_1_gemv")
     tpl.validate_knobs({"rows": 4, "lanes": 16, "unroll": 1})
-    tpl.validate_knobs({"rows": 4, "tx": 32, "vec": 4, "unroll": 1, "x_scope": "global"})
+    tpl.validate_knobs({"rows": 4, "tx": 32, "vec": 4, "unroll": 1, "x_scope": "global", "decode": "f16x2"})
     with pytest.raises(KnobError, match="not one of"):
         tpl.validate_knobs({"rows": 3, "lanes": 16, "unroll": 1})
     with pytest.raises(KnobError, match="missing"):

@@ -114,7 +114,8 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
             bar.set_description(f"{tpl.name} {inst.workload['N']}x{inst.workload['K']}")
             before = bar.n
             res = search(tpl, inst.workload, target, study, bench, trials_per_kernel, deadline, warm,
-                         seed, on_trial=lambda: bar.update(1))
+                         seed, on_trial=lambda: bar.update(1),
+                         builds_per_round=min(8, max(2, bench.n_builders)))
             bar.update(max(0, before + trials_per_kernel - bar.n))
             best = res.best(KEEP_PER_KEY)
             baseline = _baseline(bench, tpl, inst.workload, target, a.vendor)

@@ -102,8 +102,8 @@ class Bench:
 
         self.target_json, self.device_type, self.repeat = target_json, device_type, repeat
         self.dir = tempfile.TemporaryDirectory(prefix="shardtune-")
-        self.builders = PopenPoolExecutor(max_workers=builders or max(1, os.cpu_count() or 1),
-                                          timeout=build_timeout)
+        self.n_builders = builders or max(1, os.cpu_count() or 1)
+        self.builders = PopenPoolExecutor(max_workers=self.n_builders, timeout=build_timeout)
         self.runner = PopenPoolExecutor(max_workers=1, timeout=run_timeout) if device_type else None
         self._n = 0
         self.ceiling_gbps = float("inf")   # set to the measured copy bandwidth

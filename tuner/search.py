@@ -103,7 +103,7 @@ def _finished(study: optuna.Study) -> list[Trial]:
 
 
 def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int, deadline: float,
-           warm_knobs: list[dict], seed: int, on_trial=lambda: None, batch: int = 4,
+           warm_knobs: list[dict], seed: int, on_trial=lambda: None, builds_per_round: int = 4,
            proposals: int = 16) -> SearchResult:
     space = tpl.space_for(target)
     dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()}
@@ -134,7 +134,7 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
             continue
         stale_rounds = 0
         order = model.rank(wl, cands)
-        take = order[:min(batch, trials - res.spent)]
+        take = order[:min(builds_per_round, trials - res.spent)]
         for i in order[len(take):]:   # the cost model passed these over: no build
             study.tell(asked[i], state=optuna.trial.TrialState.PRUNED)
         built = bench.build_many(tpl.name, wl, [cands[i] for i in take])
