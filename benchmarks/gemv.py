@@ -54,7 +54,6 @@ def main() -> int:
     args = p.parse_args()
 
     arch = get_arch(local_gpu_arch() or sys.exit("no GPU"))
-    tpl = get_template("q4f16_1_gemv")
     import tvm
 
     target = tvm.target.Target(arch.target)
@@ -73,7 +72,8 @@ def main() -> int:
         for shards in [int(s) for s in args.shards.split(",")]:
             for inst in kernel_instances(model, shards):
                 wl = inst.workload
-                key = (wl["N"], wl["K"])
+                tpl = get_template(inst.template)
+                key = (tpl.name, wl["N"], wl["K"])
                 if key in seen:
                     continue
                 seen.add(key)
@@ -93,8 +93,8 @@ def main() -> int:
                           "error": (m.error if m else e)} for k, m, (_, e) in zip(cands[2:], res[2:], built[2:])]
                 cub = cublas_us(wl["N"], wl["K"], wl["batch"])
                 ours, dl = res[0], res[1]
-                row = {"model": model, "shards": shards, "N": wl["N"], "K": wl["K"], "layers": inst.layers,
-                       "weight_mb": wl["N"] * wl["K"] / 2 / 2**20, "knobs": knobs, "from_db": bool(rec),
+                row = {"model": model, "shards": shards, "template": tpl.name, "N": wl["N"], "K": wl["K"],
+                       "layers": inst.layers, "weight_mb": tpl.bytes_moved(wl) / 2**20, "knobs": knobs, "from_db": bool(rec),
                        "ours_us": ours.latency_us if ours and ours.ok else None,
                        "ours_error": ours.error if ours else built[0][1],
                        "ours_gbps": gbps(ours), "ours_pct_copy": 100 * gbps(ours) / copy,
@@ -105,7 +105,7 @@ def main() -> int:
                 if best_sweep:
                     row["sweep_best"] = best_sweep
                 rows.append(row)
-                print(f"{model} tp{shards} {wl['N']}x{wl['K']}: ours {row['ours_us'] or float('nan'):.1f} us "
+                print(f"{model} tp{shards} {tpl.name} {wl['N']}x{wl['K']}: ours {row['ours_us'] or float('nan'):.1f} us "
                       f"({row['ours_pct_copy']:.0f}% of copy) dlight {row['dlight_us'] or float('nan'):.1f} "
                       f"cublas {cub:.1f}" + (f" | sweep best {best_sweep['us']:.1f} {best_sweep['knobs']}"
                                              if best_sweep else ""), flush=True)

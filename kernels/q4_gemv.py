@@ -2,8 +2,10 @@
 
 Weights are 4-bit values packed 8 to a uint32 along K (nibble i of word j holds
 element 8*j + i), one fp16 scale per group of 32 along K, as in MLC-LLM's q4f16_1.
-Decoding and accumulation are fp32; batch 1..4 (decode). The decode block is separate so that
-TVM's dlight GEMV rule recognises the function (the baseline every record must beat).
+Batch 1..4 (decode), fp32 accumulation. Two decodes: `f32` keeps a separate decode
+block, the form TVM's dlight GEMV rule recognises (the baseline every record must
+beat); `f16x2` reduces a word at a time with a CUDA helper (below). The fused variants
+(residual add, SiLU(gate) * up) subclass this template and change only the epilogue.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from tvm import s_tir
 from tvm.script import tirx as T
 
 from . import register
+from .gemv_schedule import schedule_gemv_cpu, schedule_gemv_gpu
 from .template import Template, target_is_gpu
 
 GROUP = 32
@@ -35,9 +38,75 @@ def dequantize(wq: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q * np.repeat(scale.astype(np.float32), GROUP, axis=1)
 
 
+def q4_compute(B: int, N: int, K: int, epilogue: str, decode: str):
+    """The PrimFunc. N counts weight rows; with epilogue "silu_mul" rows [0, N/2) are the
+    gate and [N/2, N) the up projection, and the output has N/2 columns."""
+    P = 2 if epilogue == "silu_mul" else 1     # weight rows one output needs (one thread owns them)
+    NO = N // P
+
+    @T.macro
+    def reduce(x, wq, scale, acc):
+        if decode == "f16x2":
+            for b, i, j, k in T.grid(B, NO, P, K // 8):
+                with T.sblock("gemv"):
+                    vb, vi, vj, vw = T.axis.remap("SSSR", [b, i, j, k])
+                    with T.init():
+                        acc[vb, vi * P + vj] = T.float32(0)
+                    acc[vb, vi * P + vj] += T.call_pure_extern(
+                        "float32", "st_q4_dot8", wq[vj * NO + vi, vw],
+                        x[vb, vw * 8], x[vb, vw * 8 + 1], x[vb, vw * 8 + 2], x[vb, vw * 8 + 3],
+                        x[vb, vw * 8 + 4], x[vb, vw * 8 + 5], x[vb, vw * 8 + 6], x[vb, vw * 8 + 7],
+                    ) * T.Cast("float32", scale[vj * NO + vi, vw // 4])
+        else:
+            w = T.sblock_alloc_buffer((N, K), "float32")
+            for n, k in T.grid(N, K):
+                with T.sblock("decode"):
+                    vn, vk = T.axis.remap("SS", [n, k])
+                    # The nibble becomes the mantissa of 2**23: an exact int->float without
+                    # the quarter-rate conversion instruction.
+                    w[vn, vk] = (T.reinterpret("float32", (wq[vn, vk // 8] >> T.Cast("uint32", vk % 8 * 4))
+                                               & T.uint32(15) | T.uint32(0x4B000000))
+                                 - T.float32(8388615.0)) * T.Cast("float32", scale[vn, vk // GROUP])
+            for b, i, j, k in T.grid(B, NO, P, K):
+                with T.sblock("gemv"):
+                    vb, vi, vj, vk = T.axis.remap("SSSR", [b, i, j, k])
+                    with T.init():
+                        acc[vb, vi * P + vj] = T.float32(0)
+                    acc[vb, vi * P + vj] += T.Cast("float32", x[vb, vk]) * w[vj * NO + vi, vk]
+
+    if epilogue == "residual":
+        @T.prim_func(s_tir=True)
+        def q4_gemv(x: T.Buffer((B, K), "float16"), wq: T.Buffer((N, K // 8), "uint32"),
+                    scale: T.Buffer((N, K // GROUP), "float16"), residual: T.Buffer((B, NO), "float16"),
+                    y: T.Buffer((B, NO), "float16")):
+            T.func_attr({"tirx.noalias": True})
+            acc = T.sblock_alloc_buffer((B, N), "float32")
+            reduce(x, wq, scale, acc)
+            for b, i in T.grid(B, NO):
+                with T.sblock("epilogue"):
+                    vb, vi = T.axis.remap("SS", [b, i])
+                    y[vb, vi] = T.Cast("float16", acc[vb, vi]) + residual[vb, vi]
+    else:
+        @T.prim_func(s_tir=True)
+        def q4_gemv(x: T.Buffer((B, K), "float16"), wq: T.Buffer((N, K // 8), "uint32"),
+                    scale: T.Buffer((N, K // GROUP), "float16"), y: T.Buffer((B, NO), "float16")):
+            T.func_attr({"tirx.noalias": True})
+            acc = T.sblock_alloc_buffer((B, N), "float32")
+            reduce(x, wq, scale, acc)
+            for b, i in T.grid(B, NO):
+                with T.sblock("epilogue"):
+                    vb, vi = T.axis.remap("SS", [b, i])
+                    if epilogue == "silu_mul":
+                        y[vb, vi] = T.Cast("float16", acc[vb, vi * 2] * T.sigmoid(acc[vb, vi * 2]) * acc[vb, vi * 2 + 1])
+                    else:
+                        y[vb, vi] = T.Cast("float16", acc[vb, vi])
+    return q4_gemv
+
+
 @register
 class Q4Gemv(Template):
     name = "q4f16_1_gemv"
+    epilogue = "none"
     gpu_knobs = {
         "rows": [1, 2, 4, 8, 16],          # output rows per thread block (threadIdx.y)
         "tx": [4, 8, 16, 32, 64, 128],     # threads sharing one row's K (threadIdx.x)
@@ -52,66 +121,16 @@ class Q4Gemv(Template):
         "unroll": [1, 2, 4],               # K steps of `lanes` unrolled
     }
 
-    def compute(self, wl):
-        B, N, K = wl["batch"], wl["N"], wl["K"]
+    def outputs(self, wl) -> int:
+        return wl["N"] // 2 if self.epilogue == "silu_mul" else wl["N"]
 
-        @T.prim_func(s_tir=True)
-        def q4_gemv(x: T.Buffer((B, K), "float16"), wq: T.Buffer((N, K // 8), "uint32"),
-                    scale: T.Buffer((N, K // GROUP), "float16"), y: T.Buffer((B, N), "float16")):
-            T.func_attr({"tirx.noalias": True})
-            w = T.sblock_alloc_buffer((N, K), "float32")
-            acc = T.sblock_alloc_buffer((B, N), "float32")
-            for n, k in T.grid(N, K):
-                with T.sblock("decode"):
-                    vn, vk = T.axis.remap("SS", [n, k])
-                    # The nibble becomes the mantissa of 2**23: an exact int->float without
-                    # the quarter-rate conversion instruction.
-                    w[vn, vk] = (T.reinterpret("float32", (wq[vn, vk // 8] >> T.Cast("uint32", vk % 8 * 4))
-                                               & T.uint32(15) | T.uint32(0x4B000000))
-                                 - T.float32(8388615.0)) * T.Cast("float32", scale[vn, vk // GROUP])
-            for b, n, k in T.grid(B, N, K):
-                with T.sblock("gemv"):
-                    vb, vn, vk = T.axis.remap("SSR", [b, n, k])
-                    with T.init():
-                        acc[vb, vn] = T.float32(0)
-                    acc[vb, vn] += T.Cast("float32", x[vb, vk]) * w[vn, vk]
-            for b, n in T.grid(B, N):
-                with T.sblock("epilogue"):
-                    vb, vn = T.axis.remap("SS", [b, n])
-                    y[vb, vn] = T.Cast("float16", acc[vb, vn])
-
-        return q4_gemv
-
-    def compute_f16x2(self, wl):
-        """The same function, reduced a word (8 weights) at a time by `st_q4_dot8`, which
-        decodes and multiplies two weights per half2 instruction (CUDA only, see below)."""
-        B, N, K = wl["batch"], wl["N"], wl["K"]
-
-        @T.prim_func(s_tir=True)
-        def q4_gemv_f16x2(x: T.Buffer((B, K), "float16"), wq: T.Buffer((N, K // 8), "uint32"),
-                          scale: T.Buffer((N, K // GROUP), "float16"), y: T.Buffer((B, N), "float16")):
-            T.func_attr({"tirx.noalias": True})
-            acc = T.sblock_alloc_buffer((B, N), "float32")
-            for b, n, k in T.grid(B, N, K // 8):
-                with T.sblock("gemv"):
-                    vb, vn, vw = T.axis.remap("SSR", [b, n, k])
-                    with T.init():
-                        acc[vb, vn] = T.float32(0)
-                    acc[vb, vn] += T.call_pure_extern(
-                        "float32", "st_q4_dot8", wq[vn, vw],
-                        x[vb, vw * 8], x[vb, vw * 8 + 1], x[vb, vw * 8 + 2], x[vb, vw * 8 + 3],
-                        x[vb, vw * 8 + 4], x[vb, vw * 8 + 5], x[vb, vw * 8 + 6], x[vb, vw * 8 + 7],
-                    ) * T.Cast("float32", scale[vn, vw // 4])
-            for b, n in T.grid(B, N):
-                with T.sblock("epilogue"):
-                    vb, vn = T.axis.remap("SS", [b, n])
-                    y[vb, vn] = T.Cast("float16", acc[vb, vn])
-
-        return q4_gemv_f16x2
+    def compute(self, wl, decode: str = "f32"):
+        return q4_compute(wl["batch"], wl["N"], wl["K"], self.epilogue, decode)
 
     def check(self, wl, knobs, target):
+        rows = self.outputs(wl)
         if not target_is_gpu(target):
-            if wl["N"] % knobs["rows"] or wl["K"] % (knobs["lanes"] * knobs["unroll"]):
+            if rows % knobs["rows"] or wl["K"] % (knobs["lanes"] * knobs["unroll"]):
                 return "rows must divide N and lanes * unroll must divide K"
             return None
         if knobs["decode"] == "f16x2" and target.kind.name != "cuda":
@@ -120,8 +139,8 @@ class Q4Gemv(Template):
         threads = knobs["rows"] * knobs["tx"]
         if not 32 <= threads <= 1024:
             return f"{threads} threads per block"
-        if wl["N"] % knobs["rows"]:
-            return "rows must divide N"
+        if rows % knobs["rows"]:
+            return "rows must divide the output rows"
         if words % (knobs["tx"] * knobs["vec"] * knobs["unroll"]):
             return "tx * vec * unroll must divide K / 8"
         if knobs["x_scope"] == "shared" and wl["batch"] * wl["K"] * 2 > 48 * 1024:
@@ -138,16 +157,15 @@ class Q4Gemv(Template):
         return {"rows": 4, "tx": 32, "vec": 1, "unroll": 1, "x_scope": "global", "decode": "f32"}
 
     def schedule(self, wl, knobs, target):
-        if target_is_gpu(target) and knobs["decode"] == "f16x2":
-            sch = s_tir.Schedule(tvm.IRModule({"main": self.compute_f16x2(wl)}))
-            _schedule_gpu(sch, per_step=1, **knobs)
-            return sch.mod
-        sch = s_tir.Schedule(tvm.IRModule({"main": self.compute(wl)}))
-        sch.compute_inline(sch.get_sblock("decode"))
+        decode = knobs.get("decode", "f32") if target_is_gpu(target) else "f32"
+        sch = s_tir.Schedule(tvm.IRModule({"main": self.compute(wl, decode)}))
+        if decode == "f32":
+            sch.compute_inline(sch.get_sblock("decode"))
         if target_is_gpu(target):
-            _schedule_gpu(sch, per_step=8, **knobs)
+            gpu = {k: v for k, v in knobs.items() if k != "decode"}
+            schedule_gemv_gpu(sch, "wq", per_step=8 if decode == "f32" else 1, **gpu)
         else:
-            _schedule_cpu(sch, **knobs)
+            schedule_gemv_cpu(sch, **knobs)
         return sch.mod
 
     def inputs(self, wl, rng):
@@ -156,77 +174,23 @@ class Q4Gemv(Template):
         wq = pack_q4(rng.integers(0, 16, (N, K)))
         # scales sized so outputs stay O(1) in fp16
         scale = (rng.random((N, K // GROUP)) * 0.02 + 0.005).astype(np.float16)
-        return [x, wq, scale, np.zeros((B, N), np.float16)]
+        extra = [rng.standard_normal((B, N)).astype(np.float16)] if self.epilogue == "residual" else []
+        return [x, wq, scale, *extra, np.zeros((B, self.outputs(wl)), np.float16)]
 
     def reference(self, inputs):
         x, wq, scale = inputs[:3]
-        return (x.astype(np.float32) @ dequantize(wq, scale).T).astype(np.float16)
+        acc = x.astype(np.float32) @ dequantize(wq, scale).T
+        if self.epilogue == "residual":
+            return acc.astype(np.float16) + inputs[3]
+        if self.epilogue == "silu_mul":
+            gate, up = np.split(acc, 2, axis=1)
+            return (gate / (1 + np.exp(-gate)) * up).astype(np.float16)
+        return acc.astype(np.float16)
 
     def bytes_moved(self, wl):
         B, N, K = wl["batch"], wl["N"], wl["K"]
-        return N * K // 2 + N * (K // GROUP) * 2 + B * K * 2 + B * N * 2
-
-
-def _schedule_gpu(sch, rows, tx, vec, unroll, x_scope, decode, per_step):
-    """`per_step`: reduction steps per packed word (8 weights, or 1 for st_q4_dot8)."""
-    gemv = sch.get_sblock("gemv")
-    b, n, k = sch.get_loops(gemv)
-    bx, ty = sch.split(n, [None, rows])
-    # A warp's threads read neighbouring vec-word chunks of a row: coalesced loads.
-    ko, ku, tx_, ke = sch.split(k, [None, unroll, tx, vec * per_step])
-    sch.reorder(bx, ty, tx_, ko, ku, ke, b)  # b innermost: each decoded weight serves every batch row
-    rf = sch.rfactor(tx_, factor_axis=0)     # per-thread partial sums
-    bx, ty, tx_, ko, ku, ke, b = sch.get_loops(rf)
-    sch.bind(bx, "blockIdx.x")
-    sch.bind(ty, "threadIdx.y")
-    sch.bind(tx_, "threadIdx.x")
-    sch.unroll(ku)
-    sch.unroll(ke)
-    sch.unroll(b)   # batch rows index registers: only constant indices keep them out of local memory
-    sch.set_scope(rf, 0, "local")
-
-    names = [r.source.name for r in sch.get(rf).reads]
-    wl = sch.cache_read(rf, names.index("wq"), "local")   # vec words per load, into registers
-    sch.compute_at(wl, ku)
-    if vec > 1:  # at vec=1 the copy has no loop of its own to vectorize
-        sch.vectorize(sch.get_loops(wl)[-1])
-    if x_scope == "shared":
-        xs = sch.cache_read(rf, names.index("x"), "shared")
-        sch.compute_at(xs, bx)
-        fused = sch.fuse(*sch.get_loops(xs)[1:])
-        _, lty, ltx, lv = sch.split(fused, [None, rows, tx, 8])
-        sch.bind(lty, "threadIdx.y")
-        sch.bind(ltx, "threadIdx.x")
-        sch.vectorize(lv)
-    xl = sch.cache_read(rf, names.index("x"), "local")     # this step's activations, 16-byte loads
-    sch.compute_at(xl, ku)
-    sch.vectorize(sch.split(sch.get_loops(xl)[-1], [None, 8])[1])
-
-    sch.reverse_compute_at(gemv, ty)          # cross-thread sum over tx (warp shuffles)
-    inner = sch.get_loops(gemv)[2:]           # (tx, b), or (tx,) where b has extent 1
-    if len(inner) == 2:
-        sch.reorder(inner[1], inner[0])
-    sch.bind(inner[0], "threadIdx.x")
-    sch.set_scope(gemv, 0, "local")
-    sch.reverse_compute_at(sch.get_sblock("epilogue"), ty)
-    sch.decompose_reduction(rf, ko)
-
-
-def _schedule_cpu(sch, rows, lanes, unroll):
-    gemv = sch.get_sblock("gemv")
-    b, n, k = sch.get_loops(gemv)
-    no, ni = sch.split(n, [None, rows])
-    ko, ku, kv = sch.split(k, [None, unroll, lanes])
-    sch.reorder(no, ni, b, ko, ku, kv)
-    # `lanes` independent partial sums: a SIMD vector instead of one dependent FMA chain.
-    rf = sch.rfactor(kv, factor_axis=0)
-    no, ni, b, ko, ku, kv = sch.get_loops(rf)
-    sch.parallel(no)
-    sch.unroll(ku)
-    sch.vectorize(kv)
-    sch.decompose_reduction(rf, ko)
-    sch.reverse_compute_at(gemv, ni)
-    sch.reverse_compute_at(sch.get_sblock("epilogue"), ni)
+        out = B * self.outputs(wl) * 2 * (2 if self.epilogue == "residual" else 1)
+        return N * K // 2 + N * (K // GROUP) * 2 + B * K * 2 + out
 
 
 # st_q4_dot8(w, x0..x7) = sum_i x_i * (nibble_i(w) - 7), two weights per half2 instruction:

@@ -72,10 +72,11 @@ def test_source_hash_is_stable_and_short():
     assert len(tpl.source_hash) == 16
 
 
+@pytest.mark.parametrize("name", sorted(all_templates()))
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_cuda_candidates_compile(arch):
+def test_cuda_candidates_compile(arch, name):
     """Default and a few random valid GPU candidates generate CUDA that nvcc accepts."""
-    tpl = get_template("q4f16_1_gemv")
+    tpl = get_template(name)
     target = target_of(get_arch(arch))
     wl = {"batch": 1, "N": 512, "K": 4096, "quant": "q4f16_1"}
     rng = np.random.default_rng(0)
@@ -88,24 +89,28 @@ def test_cuda_candidates_compile(arch):
     for knobs in cands:
         with target:
             src = tvm.compile(tpl.schedule(wl, knobs, target), target=target).mod.imports[0].inspect_source()
-        assert "__global__" in src and "uint4" in src or knobs["vec"] < 4
+        assert "__global__" in src
+        weight_bytes = 4 if name.startswith("q4") else 2   # a packed uint32 word, or one fp16
+        if knobs["vec"] * weight_bytes == 16:
+            assert "uint4" in src   # the 16-byte weight loads the knob asks for
         if shutil.which("nvcc"):
             with target:
                 cubin = tvm.support.nvcc.compile_cuda(src, target_format="cubin", compiler="nvcc")
             assert len(cubin) > 1000
 
 
+@pytest.mark.parametrize("name", sorted(all_templates()))
 @pytest.mark.parametrize("arch", ["sm_90", "gfx1100"])
-def test_every_valid_gpu_knob_setting_schedules(arch):
+def test_every_valid_gpu_knob_setting_schedules(arch, name):
     """What check() lets through schedules (a random sample of the valid settings)."""
     import itertools
 
-    tpl = get_template("q4f16_1_gemv")
+    tpl = get_template(name)
     target = target_of(get_arch(arch))
     for wl in ({"batch": 1, "N": 512, "K": 256, "quant": "q4f16_1"},
                {"batch": 2, "N": 64, "K": 4096, "quant": "q4f16_1"}):
         valid = [dict(zip(tpl.gpu_knobs, v)) for v in itertools.product(*tpl.gpu_knobs.values())]
         valid = [k for k in valid if tpl.check(wl, k, target) is None]
         rng = np.random.default_rng(len(valid))
-        for i in rng.choice(len(valid), size=min(40, len(valid)), replace=False):  # a sample keeps CI fast
+        for i in rng.choice(len(valid), size=min(15, len(valid)), replace=False):  # a sample keeps CI fast
             tpl.schedule(wl, valid[i], target)

@@ -30,28 +30,32 @@ def test_cpu_tune_writes_checked_records(tmp_path):
     db = tmp_path / "t.db"
     recs = shardtune.tune(arch="cpu", shards=1, model="tiny", db=str(db), trials_per_kernel=3, progress=False)
     store = TuningDB.open_existing(db)
-    assert len(store) == len(recs) >= 4            # 4 distinct GEMV shapes in tiny, up to 3 records each
+    assert len(store) == len(recs) >= 5            # 5 distinct kernels in tiny, up to 3 records each
     valid, stale = store.validate()
     assert not stale
-    tpl = get_template("q4f16_1_gemv")
-    shapes = {(r.workload["N"], r.workload["K"]) for r in recs}
-    assert shapes == {(512, 256), (256, 256), (1024, 256), (256, 512)}
+    kernels = {(r.template, r.workload["N"], r.workload["K"]) for r in recs}
+    assert kernels == {("q4f16_1_gemv", 512, 256), ("q4f16_1_gemv_residual", 256, 256),
+                       ("q4f16_1_gemv_silu_mul", 1024, 256), ("q4f16_1_gemv_residual", 256, 512),
+                       ("q0f16_gemv", 512, 256)}
     for r in recs:
+        tpl = get_template(r.template)
         assert r.max_rel_error < tpl.tolerance and r.latency_us > 0 and r.runs >= 10
         assert r.template_hash == tpl.source_hash and r.status == "complete" and r.trials == 3
-    best = store.best("q4f16_1_gemv", recs[0].workload, recs[0].arch, 1)
+    best = store.best(recs[0].template, recs[0].workload, recs[0].arch, 1)
     assert best.latency_us == min(r.latency_us for r in recs if r.workload == recs[0].workload)
 
 
 def test_resume_after_kill(tmp_path):
     db = tmp_path / "t.db"
     studies = tmp_path / "t.studies.db"
+    log = open(tmp_path / "first.log", "w+")
     proc = subprocess.Popen([*TUNE, "--arch", "cpu", "--model", "tiny", "--db", str(db), "--no-progress",
-                             "--trials-per-kernel", "40"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--trials-per-kernel", "40"], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
             time.sleep(1)
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
             if studies.exists():
                 counts = finished_trials(studies)
                 if counts and max(counts.values()) >= 3:
@@ -60,6 +64,7 @@ def test_resume_after_kill(tmp_path):
     finally:
         proc.wait()
     before = finished_trials(studies)
+    assert before, (tmp_path / "first.log").read_text()[-2000:]
     first, done = max(before.items(), key=lambda kv: kv[1])
     assert done >= 3
     r = tune_cli("--arch", "cpu", "--model", "tiny", "--db", str(db), "--no-progress",
@@ -79,9 +84,9 @@ def test_concurrent_tuners_lose_nothing(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-500:] for o in outs]
     store = TuningDB.open_existing(db)
-    assert len(store) >= 8 and not store.validate()[1]
+    assert len(store) >= 10 and not store.validate()[1]
     # Both processes' closing tables appear: each ran every kernel.
-    assert all(o[0].count("q4f16_1_gemv") == 4 for o in outs)
+    assert all(o[0].count("_gemv") == 5 for o in outs)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -112,4 +117,4 @@ def test_corrupt_database_is_refused_untouched(tmp_path):
 def test_dry_run_builds_cuda_candidates_without_a_gpu(tmp_path):
     r = tune_cli("--arch", "sm_90", "--dry-run", "--model", "tiny", "--trials-per-kernel", "2", "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("2/2 built") == 4
+    assert r.stdout.count("2/2 built") == 5

@@ -17,6 +17,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", metavar="T", help="stop after T in all (e.g. 600, 90s, 10m)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kernels", default="gemv", help="comma-separated kernel kinds (default gemv)")
+    p.add_argument("--quant", default="q4f16_1", choices=["q4f16_1", "q0f16"],
+                   help="weight quantization of the model (default q4f16_1)")
     p.add_argument("--batch", type=int, default=1, choices=[1, 2, 3, 4], help="decode batch size (default 1)")
     p.add_argument("--builders", type=int, help="parallel build processes (default: CPU count)")
     p.add_argument("--dry-run", action="store_true",
@@ -34,5 +36,5 @@ def run(args) -> int:
     tune(arch=args.arch, shards=args.shards, model=args.model, db=args.db,
          trials_per_kernel=args.trials_per_kernel, time_budget=args.time_budget, seed=args.seed,
          kernels=[k.strip() for k in args.kernels.split(",") if k.strip()], dry_run=args.dry_run,
-         builders=args.builders, batch=args.batch, progress=not args.no_progress)
+         builders=args.builders, batch=args.batch, quant=args.quant, progress=not args.no_progress)
     return 0

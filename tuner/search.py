@@ -3,6 +3,7 @@ model trained on what was measured so far picks which proposals to build, and
 the study lives in SQLite so an interrupted search resumes where it stopped."""
 from __future__ import annotations
 
+import fcntl
 import math
 import time
 from dataclasses import dataclass, field
@@ -82,13 +83,15 @@ def study_name(tpl, wl_key: str, arch: str, shards: int) -> str:
 
 
 def open_study(storage_path: str, name: str, seed: int) -> optuna.Study:
-    storage = optuna.storages.RDBStorage(
-        f"sqlite:///{storage_path}",
-        # Several tune processes may share the file: wait for the lock, don't fail.
-        engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.create_study(study_name=name, storage=storage, direction="minimize",
-                               sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=8),
-                               load_if_exists=True)
+    # Several tune processes may share the file. Creating its tables, or the same study, at
+    # once races inside Optuna; a lock file serialises that. Later writes wait on SQLite's lock.
+    with open(storage_path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{storage_path}",
+                                             engine_kwargs={"connect_args": {"timeout": 60}})
+        return optuna.create_study(study_name=name, storage=storage, direction="minimize",
+                                   sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=8),
+                                   load_if_exists=True)
 
 
 def _finished(study: optuna.Study) -> list[Trial]:

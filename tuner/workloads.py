@@ -4,11 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
-from ..models import linears, load_config
+from ..models import Linear, linears, load_config
 
-# Which template serves which layer, per quantization. Fused epilogues come as
-# their own templates; until then every projection is a plain GEMV.
-KERNELS = {"gemv": "q4f16_1_gemv"}
+KINDS = ("gemv",)
+QUANTS = ("q4f16_1", "q0f16")
 
 
 @dataclass(frozen=True)
@@ -19,22 +18,34 @@ class KernelInstance:
     calls_per_token: int      # how often one decode step runs it
 
 
-def kernel_instances(model: str, shards: int, kernels: list[str] | None = None,
-                     batch: int = 1) -> list[KernelInstance]:
+def gemv_template(lin: Linear, quant: str, shards: int) -> str:
+    """Which template serves a linear layer. On one GPU the residual add fuses into o/down;
+    with several, an all-reduce stands between them (the all-reduce fusion does the add)."""
+    if quant == "q0f16" or lin.name == "lm_head":   # q4f16_1 models keep an fp16 head
+        return "q0f16_gemv"
+    if lin.name == "gate_up_proj":
+        return "q4f16_1_gemv_silu_mul"
+    if lin.name in ("o_proj", "down_proj") and shards == 1:
+        return "q4f16_1_gemv_residual"
+    return "q4f16_1_gemv"
+
+
+def kernel_instances(model: str, shards: int, kernels: list[str] | None = None, batch: int = 1,
+                     quant: str = "q4f16_1") -> list[KernelInstance]:
     kernels = kernels or ["gemv"]
-    unknown = [k for k in kernels if k not in KERNELS]
+    unknown = [k for k in kernels if k not in KINDS]
     if unknown:
-        raise UserError(f"unknown kernel kind(s) {', '.join(unknown)}: use {', '.join(KERNELS)}")
+        raise UserError(f"unknown kernel kind(s) {', '.join(unknown)}: use {', '.join(KINDS)}")
+    if quant not in QUANTS:
+        raise UserError(f"unknown quantization {quant!r}: use {', '.join(QUANTS)}")
     cfg = load_config(model)
-    out: dict[str, KernelInstance] = {}
-    for kind in kernels:
-        template = KERNELS[kind]
-        for lin in linears(cfg, shards):
-            if lin.name == "lm_head":   # fp16 in q4f16_1 models: another template
-                continue
-            wl = {"batch": batch, "N": lin.N, "K": lin.K, "quant": "q4f16_1"}
-            key = f"{template}:{lin.N}x{lin.K}"
-            prev = out.get(key)
-            out[key] = KernelInstance(template, wl, (prev.layers if prev else ()) + (lin.name,),
-                                      (prev.calls_per_token if prev else 0) + lin.per_token)
+    out: dict[tuple, KernelInstance] = {}
+    for lin in linears(cfg, shards):
+        template = gemv_template(lin, quant, shards)
+        wl = {"batch": batch, "N": lin.N, "K": lin.K,
+              "quant": "q0f16" if template == "q0f16_gemv" else "q4f16_1"}
+        key = (template, lin.N, lin.K)
+        prev = out.get(key)
+        out[key] = KernelInstance(template, wl, (prev.layers if prev else ()) + (lin.name,),
+                                  (prev.calls_per_token if prev else 0) + lin.per_token)
     return list(out.values())

@@ -1,26 +1,29 @@
 """On a GPU: tuned candidates, the default knobs and the dlight baseline all match
 the NumPy reference, measure below the copy bandwidth, and a short tune stores records."""
 import numpy as np
+import pytest
 import tvm
 
 import shardtune
 from shardtune.database import TuningDB
-from shardtune.kernels import get_template
+from shardtune.kernels import all_templates, get_template
 from shardtune.tuner.measure import Bench
 from shardtune.tuner.targets import get_arch, local_gpu_arch
 
 
-def test_candidates_match_reference_and_stay_under_copy_bandwidth():
+@pytest.mark.parametrize("name", sorted(all_templates()))
+def test_candidates_match_reference_and_stay_under_copy_bandwidth(name):
     arch = get_arch(local_gpu_arch())
     target = tvm.target.Target(arch.target)
-    tpl = get_template("q4f16_1_gemv")
+    tpl = get_template(name)
     bench = Bench(arch.target, "cuda")
     try:
         copy = bench.copy_bandwidth()
         bench.ceiling_gbps = copy
         rng = np.random.default_rng(0)
         for wl in ({"batch": 1, "N": 4096, "K": 4096, "quant": "q4f16_1"},
-                   {"batch": 4, "N": 1024, "K": 11008, "quant": "q4f16_1"}):
+                   {"batch": 4, "N": 1024, "K": 11008, "quant": "q4f16_1"},
+                   {"batch": 2, "N": 2048, "K": 5504, "quant": "q4f16_1"}):
             cands = [tpl.default_knobs(wl, target), None]
             space = tpl.space_for(target)
             while len(cands) < 6:
