@@ -2,6 +2,8 @@
 fp16 in and out, fp32 accumulation, batch 1..4. Schedules are the shared GEMV ones."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import tvm
 from tvm import s_tir
@@ -59,8 +61,10 @@ class F16Gemv(Template):
             return f"{threads} threads per block"
         if wl["N"] % knobs["rows"]:
             return "rows must divide N"
-        if wl["K"] % (knobs["tx"] * knobs["vec"] * knobs["unroll"]):
-            return "tx * vec * unroll must divide K"
+        step = knobs["tx"] * knobs["vec"] * knobs["unroll"]
+        if wl["K"] % step or wl["K"] == step:
+            # One step per row makes TVM's buffer compaction keep a whole row of x per thread.
+            return "tx * vec * unroll must divide K at least twice"
         if knobs["x_scope"] == "shared" and wl["batch"] * wl["K"] * 2 > 48 * 1024:
             return "activation does not fit 48 KB of shared memory"
         return None
@@ -68,11 +72,11 @@ class F16Gemv(Template):
     def default_knobs(self, wl, target):
         if not target_is_gpu(target):
             return {"rows": 4, "lanes": 16, "unroll": 1}
-        for tx in (32, 16, 8):
-            knobs = {"rows": 4, "tx": tx, "vec": 8, "unroll": 1, "x_scope": "global"}
+        for vec, tx, rows in itertools.product((8, 4, 2), (32, 16, 8), (4, 8, 16, 2, 1)):
+            knobs = {"rows": rows, "tx": tx, "vec": vec, "unroll": 1, "x_scope": "global"}
             if self.check(wl, knobs, target) is None:
                 return knobs
-        return {"rows": 4, "tx": 32, "vec": 2, "unroll": 1, "x_scope": "global"}
+        raise ValueError(f"{self.name}: no valid knobs for {wl}")
 
     def schedule(self, wl, knobs, target):
         sch = s_tir.Schedule(tvm.IRModule({"main": self.compute(wl)}))

@@ -15,10 +15,13 @@ def schedule_gemv_gpu(sch, weight: str, rows: int, tx: int, vec: int, unroll: in
     bx, ty = sch.split(i, [None, rows])
     # A warp's threads read neighbouring vec-element chunks of a row: coalesced loads.
     ko, ku, tx_, ke = sch.split(k, [None, unroll, tx, vec * per_step])
-    # b and the pair innermost: each decoded weight serves every batch row.
-    sch.reorder(bx, ty, tx_, ko, ku, ke, *pair, b)
+    # The pair outside the loads (its two rows are far apart: one cached region each would span
+    # the rows between), b innermost: each decoded weight serves every batch row.
+    sch.reorder(bx, ty, tx_, ko, *pair, ku, ke, b)
     rf = sch.rfactor(tx_, factor_axis=0)     # per-thread partial sums
-    bx, ty, tx_, ko, ku, ke, *inner = sch.get_loops(rf)
+    bx, ty, tx_, ko, *rest = sch.get_loops(rf)
+    pair, (ku, ke, *inner) = rest[:len(pair)], rest[len(pair):]
+    inner = [*pair, *inner]
     sch.bind(bx, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx_, "threadIdx.x")

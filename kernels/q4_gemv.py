@@ -9,6 +9,8 @@ beat); `f16x2` reduces a word at a time with a CUDA helper (below). The fused va
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import tvm
 from tvm import s_tir
@@ -141,8 +143,10 @@ class Q4Gemv(Template):
             return f"{threads} threads per block"
         if rows % knobs["rows"]:
             return "rows must divide the output rows"
-        if words % (knobs["tx"] * knobs["vec"] * knobs["unroll"]):
-            return "tx * vec * unroll must divide K / 8"
+        step = knobs["tx"] * knobs["vec"] * knobs["unroll"]
+        if words % step or words == step:
+            # One step per row makes TVM's buffer compaction keep a whole row of x per thread.
+            return "tx * vec * unroll must divide K / 8 at least twice"
         if knobs["x_scope"] == "shared" and wl["batch"] * wl["K"] * 2 > 48 * 1024:
             return "activation does not fit 48 KB of shared memory"
         return None
@@ -150,11 +154,12 @@ class Q4Gemv(Template):
     def default_knobs(self, wl, target):
         if not target_is_gpu(target):
             return {"rows": 4, "lanes": 16, "unroll": 1}
-        for tx in (32, 16, 8, 4):   # the widest row that divides K with 16-byte loads
-            knobs = {"rows": 4, "tx": tx, "vec": 4, "unroll": 1, "x_scope": "global", "decode": "f32"}
+        # The widest loads and rows that fit the shape: a sensible untuned choice.
+        for vec, tx, rows in itertools.product((4, 2, 1), (32, 16, 8, 4), (4, 8, 16, 2, 1)):
+            knobs = {"rows": rows, "tx": tx, "vec": vec, "unroll": 1, "x_scope": "global", "decode": "f32"}
             if self.check(wl, knobs, target) is None:
                 return knobs
-        return {"rows": 4, "tx": 32, "vec": 1, "unroll": 1, "x_scope": "global", "decode": "f32"}
+        raise ValueError(f"{self.name}: no valid knobs for {wl}")
 
     def schedule(self, wl, knobs, target):
         decode = knobs.get("decode", "f32") if target_is_gpu(target) else "f32"

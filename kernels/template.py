@@ -3,12 +3,31 @@ knobs, a declared knob space and a NumPy reference. Templates know nothing about
 databases or search; the tuner and the compiler only talk to this interface."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
 from typing import Any
 
 import numpy as np
+
+
+def _kernel_modules(cls) -> set:
+    package = __name__.rsplit(".", 1)[0]
+    mods = {inspect.getmodule(c) for c in cls.__mro__ if c.__module__.startswith(package)}
+    for mod in list(mods):
+        for obj in vars(mod).values():
+            owner = inspect.getmodule(obj)
+            if owner is not None and owner.__name__.startswith(package + "."):
+                mods.add(owner)
+    return mods
+
+
+@functools.lru_cache(maxsize=None)
+def _hash_sources(cls, space: str) -> str:
+    mods = sorted(_kernel_modules(cls), key=lambda m: m.__name__)
+    text = "\n".join(inspect.getsource(m) for m in mods) + "\n" + space
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def target_is_gpu(target) -> bool:
@@ -83,11 +102,10 @@ class Template:
 
     @property
     def source_hash(self) -> str:
-        """Changes whenever the template's code or knob space changes, so stored
-        records made with an older version are recognised as stale."""
-        src = inspect.getsource(inspect.getmodule(type(self)))
-        space = json.dumps(self.knob_space, sort_keys=True)
-        return hashlib.sha256((src + "\n" + space).encode()).hexdigest()[:16]
+        """Changes whenever the code this template runs or its knob space changes, so stored
+        records made with an older version are recognised as stale: the modules of its
+        classes and the kernel modules they take functions from (shared schedules)."""
+        return _hash_sources(type(self), json.dumps(self.knob_space, sort_keys=True))
 
     def __repr__(self) -> str:
         return f"<template {self.name}>"

@@ -1,4 +1,5 @@
 """Every template against its NumPy reference on the CPU, and CUDA candidates that compile."""
+import re
 import shutil
 import subprocess
 
@@ -90,6 +91,11 @@ def test_cuda_candidates_compile(arch, name):
         with target:
             src = tvm.compile(tpl.schedule(wl, knobs, target), target=target).mod.imports[0].inspect_source()
         assert "__global__" in src
+        # Per-thread arrays hold a few loads' worth; a large one means a cached region
+        # spans rows it should not (it made SiLU(gate) * up 5000x slower once).
+        local = [int(n) for line in src.splitlines() if "__shared__" not in line
+                 for n in re.findall(r"alignas\(\d+\) \w+ \w+\[(\d+)\]", line)]
+        assert max(local) <= 256, (knobs, local)
         weight_bytes = 4 if name.startswith("q4") else 2   # a packed uint32 word, or one fp16
         if knobs["vec"] * weight_bytes == 16:
             assert "uint4" in src   # the 16-byte weight loads the knob asks for
@@ -114,3 +120,21 @@ def test_every_valid_gpu_knob_setting_schedules(arch, name):
         rng = np.random.default_rng(len(valid))
         for i in rng.choice(len(valid), size=min(15, len(valid)), replace=False):  # a sample keeps CI fast
             tpl.schedule(wl, valid[i], target)
+
+
+@pytest.mark.parametrize("arch", ["cpu", "sm_90", "gfx1100"])
+def test_default_knobs_are_valid_for_every_model_shape(arch):
+    from shardtune.models import PRESETS
+    from shardtune.tuner.workloads import kernel_instances
+
+    target = target_of(get_arch(arch))
+    for model in PRESETS:
+        for shards in (1, 2, 4, 8):
+            if model == "tiny" and shards == 8:
+                continue
+            for quant in ("q4f16_1", "q0f16"):
+                for inst in kernel_instances(model, shards, quant=quant, batch=1 + shards % 4):
+                    tpl = get_template(inst.template)
+                    knobs = tpl.default_knobs(inst.workload, target)
+                    tpl.validate_knobs(knobs)
+                    assert tpl.check(inst.workload, knobs, target) is None, (inst, knobs)
