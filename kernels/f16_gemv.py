@@ -2,7 +2,6 @@
 fp16 in and out, fp32 accumulation, batch 1..4. Schedules are the shared GEMV ones."""
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import tvm
@@ -10,7 +9,8 @@ from tvm import s_tir
 from tvm.script import tirx as T
 
 from . import register
-from .gemv_schedule import schedule_gemv_cpu, schedule_gemv_gpu
+from .gemv_schedule import (CPU_DEFAULT, CPU_KNOBS, check_cpu, check_gpu, default_gpu_knobs,
+                            schedule_gemv_cpu, schedule_gemv_gpu)
 from .template import Template, target_is_gpu
 
 
@@ -24,11 +24,7 @@ class F16Gemv(Template):
         "unroll": [1, 2, 4, 8],            # weight loads per thread per step, kept in flight
         "x_scope": ["shared", "global"],   # where the activation vector is read from
     }
-    cpu_knobs = {
-        "rows": [1, 4, 16, 64],
-        "lanes": [8, 16, 32],
-        "unroll": [1, 2, 4],
-    }
+    cpu_knobs = CPU_KNOBS
 
     def compute(self, wl):
         B, N, K = wl["batch"], wl["N"], wl["K"]
@@ -53,30 +49,13 @@ class F16Gemv(Template):
 
     def check(self, wl, knobs, target):
         if not target_is_gpu(target):
-            if wl["N"] % knobs["rows"] or wl["K"] % (knobs["lanes"] * knobs["unroll"]):
-                return "rows must divide N and lanes * unroll must divide K"
-            return None
-        threads = knobs["rows"] * knobs["tx"]
-        if not 32 <= threads <= 1024:
-            return f"{threads} threads per block"
-        if wl["N"] % knobs["rows"]:
-            return "rows must divide N"
-        step = knobs["tx"] * knobs["vec"] * knobs["unroll"]
-        if wl["K"] % step or wl["K"] == step:
-            # One step per row makes TVM's buffer compaction keep a whole row of x per thread.
-            return "tx * vec * unroll must divide K at least twice"
-        if knobs["x_scope"] == "shared" and wl["batch"] * wl["K"] * 2 > 48 * 1024:
-            return "activation does not fit 48 KB of shared memory"
-        return None
+            return check_cpu(knobs, wl["N"], wl["K"])
+        return check_gpu(knobs, wl["N"], wl["K"], wl["batch"], wl["K"], "K")
 
     def default_knobs(self, wl, target):
         if not target_is_gpu(target):
-            return {"rows": 4, "lanes": 16, "unroll": 1}
-        for vec, tx, rows in itertools.product((8, 4, 2), (32, 16, 8), (4, 8, 16, 2, 1)):
-            knobs = {"rows": rows, "tx": tx, "vec": vec, "unroll": 1, "x_scope": "global"}
-            if self.check(wl, knobs, target) is None:
-                return knobs
-        raise ValueError(f"{self.name}: no valid knobs for {wl}")
+            return dict(CPU_DEFAULT)
+        return default_gpu_knobs(self, wl, target, (8, 4, 2), (32, 16, 8))
 
     def schedule(self, wl, knobs, target):
         sch = s_tir.Schedule(tvm.IRModule({"main": self.compute(wl)}))

@@ -5,6 +5,48 @@ pair axis (gate/up rows that one thread owns both of) and the reduction. The blo
 "epilogue" reads the reduced rows of a thread block and writes the output."""
 from __future__ import annotations
 
+import itertools
+
+#: Knobs of the CPU schedule, the same for every GEMV template, and their default.
+CPU_DEFAULT = {"rows": 4, "lanes": 16, "unroll": 1}
+CPU_KNOBS = {
+    "rows": [1, 4, 16, 64],            # output rows per parallel task
+    "lanes": [8, 16, 32],              # partial sums kept in SIMD registers
+    "unroll": [1, 2, 4],               # K steps of `lanes` unrolled
+}
+
+
+def default_gpu_knobs(tpl, wl: dict, target, vecs: tuple, txs: tuple, **fixed) -> dict:
+    """The widest loads and rows the shape allows: a sensible untuned choice."""
+    for vec, tx, rows in itertools.product(vecs, txs, (4, 8, 16, 2, 1)):
+        knobs = {"rows": rows, "tx": tx, "vec": vec, "unroll": 1, "x_scope": "global", **fixed}
+        if tpl.check(wl, knobs, target) is None:
+            return knobs
+    raise ValueError(f"{tpl.name}: no valid knobs for {wl}")
+
+
+def check_gpu(knobs: dict, out_rows: int, row_loads: int, batch: int, K: int, load_unit: str) -> str | None:
+    """Why the GPU schedule cannot take these knobs, or None. `row_loads`: elements a row is
+    loaded in (`load_unit` names them: packed words, fp16 values)."""
+    threads = knobs["rows"] * knobs["tx"]
+    if not 32 <= threads <= 1024:
+        return f"{threads} threads per block"
+    if out_rows % knobs["rows"]:
+        return "rows must divide the output rows"
+    step = knobs["tx"] * knobs["vec"] * knobs["unroll"]
+    if row_loads % step or row_loads == step:
+        # One step per row makes TVM's buffer compaction keep a whole row of x per thread.
+        return f"tx * vec * unroll must divide {load_unit} at least twice"
+    if knobs["x_scope"] == "shared" and batch * K * 2 > 48 * 1024:
+        return "activation does not fit 48 KB of shared memory"
+    return None
+
+
+def check_cpu(knobs: dict, out_rows: int, K: int) -> str | None:
+    if out_rows % knobs["rows"] or K % (knobs["lanes"] * knobs["unroll"]):
+        return "rows must divide the output rows and lanes * unroll must divide K"
+    return None
+
 
 def schedule_gemv_gpu(sch, weight: str, rows: int, tx: int, vec: int, unroll: int, x_scope: str,
                       per_step: int) -> None:

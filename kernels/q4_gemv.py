@@ -9,7 +9,6 @@ beat); `f16x2` reduces a word at a time with a CUDA helper (below). The fused va
 """
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import tvm
@@ -17,7 +16,8 @@ from tvm import s_tir
 from tvm.script import tirx as T
 
 from . import register
-from .gemv_schedule import schedule_gemv_cpu, schedule_gemv_gpu
+from .gemv_schedule import (CPU_DEFAULT, CPU_KNOBS, check_cpu, check_gpu, default_gpu_knobs,
+                            schedule_gemv_cpu, schedule_gemv_gpu)
 from .template import Template, target_is_gpu
 
 GROUP = 32
@@ -117,11 +117,7 @@ class Q4Gemv(Template):
         "x_scope": ["shared", "global"],   # where the activation vector is read from
         "decode": ["f32", "f16x2"],        # per-weight fp32 math, or two weights per half2 op (CUDA)
     }
-    cpu_knobs = {
-        "rows": [1, 4, 16, 64],            # output rows per parallel task
-        "lanes": [8, 16, 32],              # partial sums kept in SIMD registers
-        "unroll": [1, 2, 4],               # K steps of `lanes` unrolled
-    }
+    cpu_knobs = CPU_KNOBS
 
     def outputs(self, wl) -> int:
         return wl["N"] // 2 if self.epilogue == "silu_mul" else wl["N"]
@@ -130,36 +126,16 @@ class Q4Gemv(Template):
         return q4_compute(wl["batch"], wl["N"], wl["K"], self.epilogue, decode)
 
     def check(self, wl, knobs, target):
-        rows = self.outputs(wl)
         if not target_is_gpu(target):
-            if rows % knobs["rows"] or wl["K"] % (knobs["lanes"] * knobs["unroll"]):
-                return "rows must divide N and lanes * unroll must divide K"
-            return None
+            return check_cpu(knobs, self.outputs(wl), wl["K"])
         if knobs["decode"] == "f16x2" and target.kind.name != "cuda":
             return "f16x2 decode is CUDA C"
-        words = wl["K"] // 8
-        threads = knobs["rows"] * knobs["tx"]
-        if not 32 <= threads <= 1024:
-            return f"{threads} threads per block"
-        if rows % knobs["rows"]:
-            return "rows must divide the output rows"
-        step = knobs["tx"] * knobs["vec"] * knobs["unroll"]
-        if words % step or words == step:
-            # One step per row makes TVM's buffer compaction keep a whole row of x per thread.
-            return "tx * vec * unroll must divide K / 8 at least twice"
-        if knobs["x_scope"] == "shared" and wl["batch"] * wl["K"] * 2 > 48 * 1024:
-            return "activation does not fit 48 KB of shared memory"
-        return None
+        return check_gpu(knobs, self.outputs(wl), wl["K"] // 8, wl["batch"], wl["K"], "K / 8")
 
     def default_knobs(self, wl, target):
         if not target_is_gpu(target):
-            return {"rows": 4, "lanes": 16, "unroll": 1}
-        # The widest loads and rows that fit the shape: a sensible untuned choice.
-        for vec, tx, rows in itertools.product((4, 2, 1), (32, 16, 8, 4), (4, 8, 16, 2, 1)):
-            knobs = {"rows": rows, "tx": tx, "vec": vec, "unroll": 1, "x_scope": "global", "decode": "f32"}
-            if self.check(wl, knobs, target) is None:
-                return knobs
-        raise ValueError(f"{self.name}: no valid knobs for {wl}")
+            return dict(CPU_DEFAULT)
+        return default_gpu_knobs(self, wl, target, (4, 2, 1), (32, 16, 8, 4), decode="f32")
 
     def schedule(self, wl, knobs, target):
         decode = knobs.get("decode", "f32") if target_is_gpu(target) else "f32"
