@@ -1,7 +1,6 @@
 """Every template against its NumPy reference on the CPU, and CUDA candidates that compile."""
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest

@@ -1,5 +1,4 @@
 """Real CPU tuning of the `tiny` model into real SQLite files."""
-import os
 import signal
 import subprocess
 import sys

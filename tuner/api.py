@@ -49,9 +49,15 @@ def parse_duration(text: str | float | None) -> float | None:
         raise UserError(f"--time-budget {text!r}: use a number of seconds or e.g. 90s, 10m, 1h") from None
 
 
-def _device_description(device_type: str) -> tuple[str, int, str]:
+def _device_description(device_type: str) -> dict:
+    """The provenance fields of a record that describe where it was measured."""
     import tvm
+    import tvm_ffi
 
+    from .. import __version__
+
+    common = {"tvm_version": tvm.__version__, "tvm_ffi_version": tvm_ffi.__version__,
+              "shardtune_version": __version__, "host": socket.gethostname()}
     if device_type == "cpu":
         name = platform.processor() or platform.machine()
         try:
@@ -61,9 +67,28 @@ def _device_description(device_type: str) -> tuple[str, int, str]:
                     break
         except OSError:
             pass
-        return name, os.cpu_count() or 1, platform.release()
+        return {"device": name, "compute_units": os.cpu_count() or 1, "runtime_version": platform.release(),
+                **common}
     dev = tvm.runtime.device(device_type, 0)
-    return dev.device_name, dev.multi_processor_count, str(dev.driver_version or dev.api_version or "")
+    return {"device": dev.device_name, "compute_units": dev.multi_processor_count,
+            "runtime_version": str(dev.driver_version or dev.api_version or ""), **common}
+
+
+def _record(tpl, inst, arch: str, shards: int, device: dict, trial, res, baseline, copy_gbps: float):
+    from ..database import Record
+
+    m = trial.m
+    return Record(
+        template=tpl.name, template_hash=tpl.source_hash, workload=inst.workload, arch=arch, shards=shards,
+        knobs=trial.knobs, latency_us=m.latency_us, latency_spread_us=m.spread_us, runs=m.runs,
+        bandwidth_gbps=tpl.bytes_moved(inst.workload) / (m.latency_us * 1e-6) / 1e9,
+        max_rel_error=m.rel_error, status="complete" if res.complete else "partial", trials=res.spent,
+        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        command=_command_line(), **device,
+        extra={"baseline_us": baseline.latency_us if baseline.ok else None,
+               "baseline": "dlight" if arch_is_gpu(arch) else "default knobs",
+               "copy_gbps": copy_gbps, "layers": list(inst.layers)},
+    )
 
 
 def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_kernel: int = 48,
@@ -71,11 +96,7 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
          dry_run: bool = False, builders: int | None = None, batch: int = 1, quant: str = "q4f16_1",
          progress: bool = True, out=sys.stdout) -> list:
     """Tune, store, print a table; returns the Records stored (empty on a dry run)."""
-    import tvm
-    import tvm_ffi
-
-    from .. import __version__
-    from ..database import Record, TuningDB, default_db_path
+    from ..database import TuningDB, default_db_path
     from ..database.records import canonical
 
     a = get_arch(arch)
@@ -101,7 +122,7 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
             # A GPU kernel faster than a device copy was timed warm. On CPUs the copy is one
             # thread's memcpy and small kernels live in a cache of hundreds of MB: no such ceiling.
             bench.ceiling_gbps = copy_gbps
-        dev_name, units, runtime_version = _device_description(device_type)
+        device = _device_description(device_type)
         studies = os.path.splitext(db_path)[0] + ".studies.db"
         start = time.monotonic()
         total = trials_per_kernel * len(instances)
@@ -128,20 +149,7 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
                 rows.append(Row(tpl.name, shape, float("nan"), float("nan"), float("nan"),
                                 baseline.latency_us, res.spent, "no valid candidate"))
                 continue
-            now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            recs = [Record(
-                template=tpl.name, template_hash=tpl.source_hash, workload=inst.workload, arch=a.name,
-                shards=shards, device=dev_name, compute_units=units, knobs=t.knobs,
-                latency_us=t.m.latency_us, latency_spread_us=t.m.spread_us, runs=t.m.runs,
-                bandwidth_gbps=tpl.bytes_moved(inst.workload) / (t.m.latency_us * 1e-6) / 1e9,
-                max_rel_error=t.m.rel_error, status="complete" if res.complete else "partial",
-                trials=res.spent, tvm_version=tvm.__version__, tvm_ffi_version=tvm_ffi.__version__,
-                shardtune_version=__version__, runtime_version=runtime_version, host=socket.gethostname(),
-                created_at=now, command=_command_line(),
-                extra={"baseline_us": baseline.latency_us if baseline.ok else None,
-                       "baseline": "dlight" if a.vendor != "cpu" else "default knobs",
-                       "copy_gbps": copy_gbps, "layers": list(inst.layers)},
-            ) for t in best]
+            recs = [_record(tpl, inst, a.name, shards, device, t, res, baseline, copy_gbps) for t in best]
             store.add_many(recs)
             stored += recs
             top = recs[0]
@@ -149,7 +157,7 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
             rows.append(Row(tpl.name, shape, top.latency_us, top.bandwidth_gbps, pct,
                             baseline.latency_us, res.spent, top.status))
         bar.close()
-        print_table(rows, a.name, shards, dev_name, copy_gbps, out)
+        print_table(rows, a.name, shards, device["device"], copy_gbps, out)
         return stored
     finally:
         bench.close()
@@ -219,12 +227,12 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="trial", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def arch_is_cpu(arch: str) -> bool:
-    return get_arch(arch).vendor == "cpu"
+def arch_is_gpu(arch: str) -> bool:
+    return get_arch(arch).vendor != "cpu"
 
 
 def print_table(rows: list[Row], arch: str, shards: int, device: str, copy_gbps: float, out) -> None:
-    what = "one-thread memcpy; no ceiling for cache-resident CPU kernels" if arch_is_cpu(arch) else "device copy"
+    what = "device copy" if arch_is_gpu(arch) else "one-thread memcpy; no ceiling for cache-resident CPU kernels"
     print(f"\n{device} ({arch}), {shards} shard(s); copy bandwidth {copy_gbps:.0f} GB/s ({what})", file=out)
     head = ["kernel", "shape (NxK)", "best us", "GB/s", "% copy", "baseline us", "speedup", "trials", "status"]
     body = []
