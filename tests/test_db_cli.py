@@ -167,3 +167,19 @@ def test_default_database_from_environment(tmp_path):
     proc = shardtune("db", "init", env=env)
     assert proc.returncode == 0 and str(tmp_path / "env.db") in proc.stdout
     assert (tmp_path / "env.db").is_file()
+
+
+
+def test_export_into_a_closed_pipe_is_quiet(tmp_path, q4_record):
+    """`shardtune db export DB | head -1` ends without a traceback."""
+    db = tmp_path / "t.db"
+    with TuningDB(db) as store:
+        store.add_many([q4_record(latency_us=10.0 + i, created_at=f"2026-11-26T12:{i // 60:02d}:{i % 60:02d}Z")
+                        for i in range(2000)])
+    proc = subprocess.Popen([sys.executable, "-m", "shardtune", "db", "export", str(db)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"{")
+    proc.stdout.close()   # the reader goes away after one line
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and proc.returncode in (0, 1)
