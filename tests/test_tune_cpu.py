@@ -1,4 +1,5 @@
 """Real CPU tuning of the `tiny` model into real SQLite files."""
+import os
 import signal
 import subprocess
 import sys
@@ -117,3 +118,30 @@ def test_dry_run_builds_cuda_candidates_without_a_gpu(tmp_path):
     r = tune_cli("--arch", "sm_90", "--dry-run", "--model", "tiny", "--trials-per-kernel", "2", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("2/2 built") == 5
+
+
+def _rocm_available() -> bool:
+    from shardtune.errors import UserError
+    from shardtune.tuner.targets import prepare_rocm
+
+    try:
+        prepare_rocm()
+        return True
+    except UserError:
+        return False
+
+
+@pytest.mark.skipif(not _rocm_available(), reason="needs rocm-device-libs and ld.lld (.ci/run installs them)")
+@pytest.mark.parametrize("arch", ["gfx1100", "gfx90a"])
+def test_dry_run_builds_amd_code_objects_without_a_gpu(arch):
+    r = tune_cli("--arch", arch, "--dry-run", "--model", "tiny", "--trials-per-kernel", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("2/2 built") == 5
+
+
+def test_missing_rocm_bitcode_is_one_line(tmp_path):
+    env = {**os.environ, "ROCM_PATH": str(tmp_path)}
+    r = subprocess.run([*TUNE, "--arch", "gfx1100", "--dry-run", "--no-progress"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "ROCm device bitcode" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

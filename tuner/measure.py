@@ -4,6 +4,7 @@ reference. A candidate that fails to build, hangs or crashes costs one trial."""
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from dataclasses import dataclass
 
@@ -107,7 +108,9 @@ class Bench:
         self.target_json, self.device_type, self.repeat = target_json, device_type, repeat
         self.dir = tempfile.TemporaryDirectory(prefix="shardtune-")
         self.n_builders = builders or max(1, os.cpu_count() or 1)
-        self.builders = PopenPoolExecutor(max_workers=self.n_builders, timeout=build_timeout)
+        # Builders' stderr is TVM's chatter (ROCm version guesses...); failures come back as exceptions.
+        self.builders = PopenPoolExecutor(max_workers=self.n_builders, timeout=build_timeout,
+                                          stderr=subprocess.DEVNULL)
         self.runner = PopenPoolExecutor(max_workers=1, timeout=run_timeout) if device_type else None
         self._n = 0
         self.ceiling_gbps = float("inf")   # set to the measured copy bandwidth

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -51,9 +52,28 @@ def get_arch(name: str) -> Arch:
         raise UserError(f"unknown arch {name!r}: use one of cpu, {', '.join(ARCHES)}") from None
 
 
+# Debian's rocm-device-libs put the device bitcode here; TVM only uses ROCM_PATH to find it.
+DEBIAN_ROCM_PATH = "/usr/lib/x86_64-linux-gnu"
+
+
+def prepare_rocm() -> None:
+    """Point TVM's ROCm backend at the device bitcode and check the linker it needs, so a
+    missing piece is one clear line here instead of a failure inside every build."""
+    if not os.environ.get("ROCM_PATH") and os.path.isdir(os.path.join(DEBIAN_ROCM_PATH, "amdgcn", "bitcode")):
+        os.environ["ROCM_PATH"] = DEBIAN_ROCM_PATH
+    root = os.environ.get("ROCM_PATH", "/opt/rocm")
+    if not os.path.isdir(os.path.join(root, "amdgcn", "bitcode")):
+        raise UserError(f"AMD code generation needs the ROCm device bitcode (no {root}/amdgcn/bitcode): "
+                        "install ROCm, or Debian's rocm-device-libs and lld-22, or set ROCM_PATH")
+    if not any(shutil.which(f"ld.lld{v}") for v in ("", "-22", "-21", "-20", "-19", "-18", "-17")):
+        raise UserError("AMD code generation needs ld.lld 17 or newer (Debian: lld-22)")
+
+
 def target_of(arch: Arch):
     import tvm
 
+    if arch.vendor == "amd":
+        prepare_rocm()
     return tvm.target.Target(arch.target)
 
 
