@@ -15,7 +15,8 @@ def register(template_cls):
 
 def _load_all() -> None:
     # Imported here, not at module top, so `register` exists before they run.
-    from . import f16_gemv, q4_gemv, q4_gemv_residual, q4_gemv_silu_mul  # noqa: F401
+    from . import (add_rms_norm, f16_gemv, q4_gemv, q4_gemv_residual, q4_gemv_silu_mul,  # noqa: F401
+                   rms_norm)
 
 
 def get_template(name: str) -> Template:

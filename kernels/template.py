@@ -74,9 +74,26 @@ class Template:
         """Random inputs followed by an output buffer, as the kernel takes them."""
         raise NotImplementedError
 
-    def reference(self, inputs: list[np.ndarray]) -> np.ndarray:
-        """The NumPy result the kernel's output must match."""
+    def reference(self, inputs: list[np.ndarray]):
+        """The NumPy result the kernel's output must match; a list when it has several
+        outputs (they are the last arguments, in order)."""
         raise NotImplementedError
+
+    def relative_error(self, inputs: list[np.ndarray], run) -> float:
+        """Run `run(outputs_to_fill)` on outputs poisoned with NaN (an unwritten element
+        cannot pass) and return the worst ||out - ref|| / ||ref|| over the outputs.
+        `run` gets the number of outputs and returns them as NumPy arrays after the call."""
+        refs = self.reference(inputs)
+        refs = list(refs) if isinstance(refs, (list, tuple)) else [refs]
+        outs = run(len(refs))
+        worst = 0.0
+        for out, ref in zip(outs, refs):
+            ref = ref.astype(np.float64)
+            err = np.linalg.norm(out.astype(np.float64) - ref) / max(np.linalg.norm(ref), 1e-30)
+            worst = max(worst, float(err)) if np.isfinite(err) else float("nan")
+            if worst != worst:
+                break
+        return worst
 
     def bytes_moved(self, wl: dict) -> int:
         """The fewest bytes the kernel must move through device memory."""

@@ -8,19 +8,22 @@ import tvm
 
 from shardtune.kernels import KnobError, all_templates, get_template
 from shardtune.kernels.q4_gemv import dequantize, pack_q4, unpack_q4
+from shardtune.tuner.measure import run_poisoned
 from shardtune.tuner.targets import get_arch, target_of
 
 CPU = target_of(get_arch("cpu"))
+
+
+def as_workload(name, batch, N, K):
+    """A GEMV shape, or for a norm template the hidden size K."""
+    return {"batch": batch, "H": K} if "norm" in name else {"batch": batch, "N": N, "K": K, "quant": "q4f16_1"}
 
 
 def run_cpu(tpl, wl, knobs, seed=0):
     ex = tvm.compile(tpl.schedule(wl, knobs, CPU), target=CPU)
     inputs = tpl.inputs(wl, np.random.default_rng(seed))
     args = [tvm.runtime.tensor(a) for a in inputs]
-    args[-1].copyfrom(np.full(inputs[-1].shape, np.nan, inputs[-1].dtype))
-    ex.mod["main"](*args)
-    out, ref = args[-1].numpy().astype(np.float64), tpl.reference(inputs).astype(np.float64)
-    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    return tpl.relative_error(inputs, lambda n: run_poisoned(ex.mod["main"], args, n))
 
 
 def test_pack_roundtrip_and_dequantize():
@@ -38,7 +41,7 @@ def test_pack_roundtrip_and_dequantize():
 @pytest.mark.parametrize("batch,N,K", [(1, 256, 512), (3, 64, 1024), (4, 96, 256)])
 def test_template_matches_reference_on_cpu(name, batch, N, K):
     tpl = get_template(name)
-    wl = {"batch": batch, "N": N, "K": K, "quant": "q4f16_1"}
+    wl = as_workload(name, batch, N, K)
     rng = np.random.default_rng(batch * N)
     space = tpl.space_for(CPU)
     tried = 0
@@ -78,7 +81,7 @@ def test_cuda_candidates_compile(arch, name):
     """Default and a few random valid GPU candidates generate CUDA that nvcc accepts."""
     tpl = get_template(name)
     target = target_of(get_arch(arch))
-    wl = {"batch": 1, "N": 512, "K": 4096, "quant": "q4f16_1"}
+    wl = as_workload(name, 1, 512, 4096)
     rng = np.random.default_rng(0)
     space = tpl.space_for(target)
     cands = [tpl.default_knobs(wl, target)]
@@ -96,7 +99,7 @@ def test_cuda_candidates_compile(arch, name):
                  for n in re.findall(r"alignas\(\d+\) \w+ \w+\[(\d+)\]", line)]
         assert max(local) <= 256, (knobs, local)
         weight_bytes = 4 if name.startswith("q4") else 2   # a packed uint32 word, or one fp16
-        if knobs["vec"] * weight_bytes == 16:
+        if knobs["vec"] * weight_bytes == 16 and "norm" not in name:
             assert "uint4" in src   # the 16-byte weight loads the knob asks for
         if shutil.which("nvcc"):
             with target:
@@ -112,8 +115,7 @@ def test_every_valid_gpu_knob_setting_schedules(arch, name):
 
     tpl = get_template(name)
     target = target_of(get_arch(arch))
-    for wl in ({"batch": 1, "N": 512, "K": 256, "quant": "q4f16_1"},
-               {"batch": 2, "N": 64, "K": 4096, "quant": "q4f16_1"}):
+    for wl in (as_workload(name, 1, 512, 256), as_workload(name, 2, 64, 4096)):
         valid = [dict(zip(tpl.gpu_knobs, v)) for v in itertools.product(*tpl.gpu_knobs.values())]
         valid = [k for k in valid if tpl.check(wl, k, target) is None]
         rng = np.random.default_rng(len(valid))
@@ -132,7 +134,7 @@ def test_default_knobs_are_valid_for_every_model_shape(arch):
             if model == "tiny" and shards == 8:
                 continue
             for quant in ("q4f16_1", "q0f16"):
-                for inst in kernel_instances(model, shards, quant=quant, batch=1 + shards % 4):
+                for inst in kernel_instances(model, shards, ["gemv", "norm"], quant=quant, batch=1 + shards % 4):
                     tpl = get_template(inst.template)
                     knobs = tpl.default_knobs(inst.workload, target)
                     tpl.validate_knobs(knobs)

@@ -35,7 +35,7 @@ def test_cost_model_waits_for_enough_points():
 
 def test_features_and_best_skip_failures():
     f = features({"rows": 4, "tx": 16, "x_scope": "global"}, SPACE, WL)
-    assert f == [12.0, 12.0, 1.0, 2.0, 4.0, 1.0]
+    assert f == [12.0, 12.0, 0.0, 2.0, 4.0, 1.0]   # log2 K, N, batch; knobs
     res = SearchResult(trials=[Trial({"a": 1}, Measurement(error="build: boom")),
                                Trial({"a": 2}, Measurement(3.0, 0.1, 10, 0.0)),
                                Trial({"a": 2}, Measurement(2.5, 0.1, 10, 0.0)),

@@ -135,7 +135,7 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
             wl_key = canonical(inst.workload)
             study = open_study(studies, study_name(tpl, wl_key, a.name, shards), seed)
             warm = _warm_knobs(store, tpl, inst.workload, a.name, target)
-            bar.set_description(f"{tpl.name} {inst.workload['N']}x{inst.workload['K']}")
+            bar.set_description(f"{tpl.name} {shape_text(inst.workload)}")
             before = bar.n
             res = search(tpl, inst.workload, target, study, bench, trials_per_kernel, deadline, warm,
                          seed, on_trial=lambda: bar.update(1),
@@ -143,8 +143,7 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
             bar.update(max(0, before + trials_per_kernel - bar.n))
             best = res.best(KEEP_PER_KEY)
             baseline = _baseline(bench, tpl, inst.workload, target, a.vendor, res)
-            shape = f"{inst.workload['N']}x{inst.workload['K']}" + (
-                f" b{inst.workload['batch']}" if inst.workload["batch"] > 1 else "")
+            shape = shape_text(inst.workload)
             if not best:
                 rows.append(Row(tpl.name, shape, float("nan"), float("nan"), float("nan"),
                                 baseline.latency_us, res.spent, "no valid candidate"))
@@ -161,6 +160,12 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
         return stored
     finally:
         bench.close()
+
+
+def shape_text(wl: dict) -> str:
+    """2048x4096 for a GEMV (N x K), H=8192 for a norm; b2 for batch 2."""
+    text = f"{wl['N']}x{wl['K']}" if "N" in wl else f"H={wl['H']}"
+    return text + (f" b{wl['batch']}" if wl.get("batch", 1) > 1 else "")
 
 
 def _command_line() -> str:
@@ -214,7 +219,7 @@ def _dry_run(instances, target, bench, trials, seed, out) -> list:
         built = bench.build_many(tpl.name, inst.workload, cands)
         bad = [e for p, e in built if p is None]
         failures += len(bad)
-        print(f"  {tpl.name} {inst.workload['N']}x{inst.workload['K']}: {len(built) - len(bad)}/{len(built)} built"
+        print(f"  {tpl.name} {shape_text(inst.workload)}: {len(built) - len(bad)}/{len(built)} built"
               + (f" (first failure: {bad[0]})" if bad else ""), file=out)
     if failures:
         raise UserError(f"{failures} candidate(s) failed to build")
@@ -234,7 +239,7 @@ def arch_is_gpu(arch: str) -> bool:
 def print_table(rows: list[Row], arch: str, shards: int, device: str, copy_gbps: float, out) -> None:
     what = "device copy" if arch_is_gpu(arch) else "one-thread memcpy; no ceiling for cache-resident CPU kernels"
     print(f"\n{device} ({arch}), {shards} shard(s); copy bandwidth {copy_gbps:.0f} GB/s ({what})", file=out)
-    head = ["kernel", "shape (NxK)", "best us", "GB/s", "% copy", "baseline us", "speedup", "trials", "status"]
+    head = ["kernel", "shape", "best us", "GB/s", "% copy", "baseline us", "speedup", "trials", "status"]
     body = []
     for r in rows:
         speed = r.baseline_us / r.best_us if r.baseline_us == r.baseline_us and r.best_us == r.best_us else float("nan")

@@ -41,7 +41,7 @@ class SearchResult:
 
 def features(knobs: dict, space: dict, wl: dict) -> list[float]:
     """Numbers XGBoost can split on: log2 of numeric knobs, the index of the others."""
-    row = [math.log2(wl["N"]), math.log2(wl["K"]), float(wl.get("batch", 1))]
+    row = [math.log2(v) for _, v in sorted(wl.items()) if isinstance(v, int) and v > 0]
     for name, values in space.items():
         v = knobs[name]
         row.append(math.log2(v) if isinstance(v, (int, float)) and v > 0 else float(values.index(v)))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from ..errors import UserError
 from ..models import Linear, linears, load_config
 
-KINDS = ("gemv",)
+KINDS = ("gemv", "norm")
 QUANTS = ("q4f16_1", "q0f16")
 
 
@@ -40,12 +40,22 @@ def kernel_instances(model: str, shards: int, kernels: list[str] | None = None, 
         raise UserError(f"unknown quantization {quant!r}: use {', '.join(QUANTS)}")
     cfg = load_config(model)
     out: dict[tuple, KernelInstance] = {}
-    for lin in linears(cfg, shards):
-        template = gemv_template(lin, quant, shards)
-        wl = {"batch": batch, "N": lin.N, "K": lin.K,
-              "quant": "q0f16" if template == "q0f16_gemv" else "q4f16_1"}
-        key = (template, lin.N, lin.K)
+
+    def add(template: str, wl: dict, layer: str, calls: int) -> None:
+        key = (template, *sorted(wl.items()))
         prev = out.get(key)
-        out[key] = KernelInstance(template, wl, (prev.layers if prev else ()) + (lin.name,),
-                                  (prev.calls_per_token if prev else 0) + lin.per_token)
+        out[key] = KernelInstance(template, wl, (prev.layers if prev else ()) + (layer,),
+                                  (prev.calls_per_token if prev else 0) + calls)
+
+    if "gemv" in kernels:
+        for lin in linears(cfg, shards):
+            template = gemv_template(lin, quant, shards)
+            add(template, {"batch": batch, "N": lin.N, "K": lin.K,
+                           "quant": "q0f16" if template == "q0f16_gemv" else "q4f16_1"}, lin.name, lin.per_token)
+    if "norm" in kernels:
+        # Replicated on every shard. The first layer's input norm and the final norm have no
+        # residual to add; the two norms inside each later step add it first.
+        wl = {"batch": batch, "H": cfg.hidden_size}
+        add("rms_norm", wl, "input_norm", 2)
+        add("add_rms_norm", wl, "post_attention_norm", 2 * cfg.num_hidden_layers - 1)
     return list(out.values())

@@ -21,9 +21,9 @@ def test_candidates_match_reference_and_stay_under_copy_bandwidth(name):
         copy = bench.copy_bandwidth()
         bench.ceiling_gbps = copy
         rng = np.random.default_rng(0)
-        for wl in ({"batch": 1, "N": 4096, "K": 4096, "quant": "q4f16_1"},
-                   {"batch": 4, "N": 1024, "K": 11008, "quant": "q4f16_1"},
-                   {"batch": 2, "N": 2048, "K": 5504, "quant": "q4f16_1"}):
+        shapes = [(1, 4096, 4096), (4, 1024, 11008), (2, 2048, 5504)]
+        for wl in ({"batch": b, "H": k} if "norm" in name else {"batch": b, "N": n, "K": k, "quant": "q4f16_1"}
+                   for b, n, k in shapes):
             cands = [tpl.default_knobs(wl, target), None]
             space = tpl.space_for(target)
             while len(cands) < 6:
