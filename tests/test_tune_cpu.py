@@ -11,6 +11,7 @@ import pytest
 import shardtune
 from shardtune.database import TuningDB
 from shardtune.kernels import get_template
+from shardtune.tuner.search import open_storage
 
 TUNE = [sys.executable, "-c", "import sys; from shardtune.cli import tune_main; sys.exit(tune_main())"]
 
@@ -20,7 +21,7 @@ def tune_cli(*args, timeout=300):
 
 
 def finished_trials(studies_path):
-    storage = optuna.storages.RDBStorage(f"sqlite:///{studies_path}")
+    storage = open_storage(str(studies_path))   # the tuner's lock: never race its table creation
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
     return {s.study_name: sum(t.state in done for t in optuna.load_study(study_name=s.study_name, storage=storage).trials)
             for s in optuna.study.get_all_study_summaries(storage)}

@@ -3,6 +3,7 @@ model trained on what was measured so far picks which proposals to build, and
 the study lives in SQLite so an interrupted search resumes where it stopped."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import math
 import time
@@ -82,13 +83,25 @@ def study_name(tpl, wl_key: str, arch: str, shards: int) -> str:
     return f"{tpl.name}@{tpl.source_hash}|{wl_key}|{arch}|{shards}"
 
 
-def open_study(storage_path: str, name: str, seed: int) -> optuna.Study:
-    # Several tune processes may share the file. Creating its tables, or the same study, at
-    # once races inside Optuna; a lock file serialises that. Later writes wait on SQLite's lock.
+@contextlib.contextmanager
+def _storage_lock(storage_path: str):
+    # Several processes may share the file. Creating its tables (Optuna stamps a schema
+    # version) or the same study at once races inside Optuna; a lock file serialises that.
     with open(storage_path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        storage = optuna.storages.RDBStorage(f"sqlite:///{storage_path}",
-                                             engine_kwargs={"connect_args": {"timeout": 60}})
+        yield
+
+
+def open_storage(storage_path: str) -> optuna.storages.RDBStorage:
+    """The Optuna storage beside a tuning database. Writes after opening wait on SQLite's lock."""
+    with _storage_lock(storage_path):
+        return optuna.storages.RDBStorage(f"sqlite:///{storage_path}",
+                                          engine_kwargs={"connect_args": {"timeout": 60}})
+
+
+def open_study(storage_path: str, name: str, seed: int) -> optuna.Study:
+    storage = open_storage(storage_path)
+    with _storage_lock(storage_path):
         return optuna.create_study(study_name=name, storage=storage, direction="minimize",
                                    sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=8),
                                    load_if_exists=True)
