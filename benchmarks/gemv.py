@@ -79,12 +79,8 @@ def main() -> int:
                 seen.add(key)
                 rec = store.best(tpl.name, wl, arch.name, shards) if store else None
                 knobs = rec.knobs if rec else tpl.default_knobs(wl, target)
-                cands = [knobs, None]  # None: dlight
-                space = tpl.space_for(target)
-                while len(cands) < 2 + args.sweep:
-                    k = {n: v[rng.integers(len(v))] for n, v in space.items()}
-                    if tpl.check(wl, k, target) is None and k not in cands:
-                        cands.append(k)
+                sweep = tpl.sample_knobs(wl, target, rng, 1 + args.sweep, first=[knobs])[1:]
+                cands = [knobs, None, *sweep]  # None: dlight
                 built = bench.build_many(tpl.name, wl, cands)
                 res = [bench.measure(p_, tpl.name, wl) if p_ else None for p_, _ in built]
                 mb = tpl.bytes_moved(wl)

@@ -99,6 +99,20 @@ class Template:
         """The fewest bytes the kernel must move through device memory."""
         raise NotImplementedError
 
+    def sample_knobs(self, wl: dict, target, rng: np.random.Generator, count: int,
+                     first: tuple | list = ()) -> list[dict]:
+        """`first`, then random valid settings of the target's knob space, all distinct:
+        `count` in all, or fewer where the space holds fewer (the draws are bounded)."""
+        out = list(first)
+        space = self.space_for(target)
+        for _ in range(50 * count):
+            if len(out) >= count:
+                break
+            knobs = {name: values[rng.integers(len(values))] for name, values in space.items()}
+            if knobs not in out and self.check(wl, knobs, target) is None:
+                out.append(knobs)
+        return out
+
     #: tolerance of ||out - ref|| / ||ref|| for the numerics gate
     tolerance: float = 2e-3
 

@@ -42,17 +42,10 @@ def test_pack_roundtrip_and_dequantize():
 def test_template_matches_reference_on_cpu(name, batch, N, K):
     tpl = get_template(name)
     wl = as_workload(name, batch, N, K)
-    rng = np.random.default_rng(batch * N)
-    space = tpl.space_for(CPU)
-    tried = 0
-    for _ in range(200):   # a few random valid knob settings, fresh inputs each
-        knobs = {k: v[rng.integers(len(v))] for k, v in space.items()}
-        if tpl.check(wl, knobs, CPU) is None:
-            assert run_cpu(tpl, wl, knobs, seed=tried) < tpl.tolerance, knobs
-            tried += 1
-        if tried == 3:
-            break
-    assert tried == 3
+    cands = tpl.sample_knobs(wl, CPU, np.random.default_rng(batch * N), 3)
+    assert len(cands) == 3
+    for seed, knobs in enumerate(cands):   # a few random valid knob settings, fresh inputs each
+        assert run_cpu(tpl, wl, knobs, seed=seed) < tpl.tolerance, knobs
 
 
 def test_knob_validation():
@@ -82,13 +75,8 @@ def test_cuda_candidates_compile(arch, name):
     tpl = get_template(name)
     target = target_of(get_arch(arch))
     wl = as_workload(name, 1, 512, 4096)
-    rng = np.random.default_rng(0)
-    space = tpl.space_for(target)
-    cands = [tpl.default_knobs(wl, target)]
-    while len(cands) < 4:
-        k = {n: v[rng.integers(len(v))] for n, v in space.items()}
-        if tpl.check(wl, k, target) is None:
-            cands.append(k)
+    cands = tpl.sample_knobs(wl, target, np.random.default_rng(0), 4, first=[tpl.default_knobs(wl, target)])
+    assert len(cands) == 4
     for knobs in cands:
         with target:
             src = tvm.compile(tpl.schedule(wl, knobs, target), target=target).mod.imports[0].inspect_source()

@@ -74,7 +74,8 @@ def _device_description(device_type: str) -> dict:
             "runtime_version": str(dev.driver_version or dev.api_version or ""), **common}
 
 
-def _record(tpl, inst, arch: str, shards: int, device: dict, trial, res, baseline, copy_gbps: float):
+def _record(tpl, inst, arch: str, shards: int, device: dict, on_gpu: bool, trial, res, baseline,
+            copy_gbps: float):
     from ..database import Record
 
     m = trial.m
@@ -86,7 +87,7 @@ def _record(tpl, inst, arch: str, shards: int, device: dict, trial, res, baselin
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         command=_command_line(), **device,
         extra={"baseline_us": baseline.latency_us if baseline.ok else None,
-               "baseline": "dlight" if arch_is_gpu(arch) else "default knobs",
+               "baseline": "dlight" if on_gpu else "default knobs",
                "copy_gbps": copy_gbps, "layers": list(inst.layers)},
     )
 
@@ -118,7 +119,8 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
         db_path = str(db or default_db_path())
         store = TuningDB(db_path)
         copy_gbps = bench.copy_bandwidth()
-        if device_type != "cpu":
+        on_gpu = device_type != "cpu"
+        if on_gpu:
             # A GPU kernel faster than a device copy was timed warm. On CPUs the copy is one
             # thread's memcpy and small kernels live in a cache of hundreds of MB: no such ceiling.
             bench.ceiling_gbps = copy_gbps
@@ -148,15 +150,15 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
                 rows.append(Row(tpl.name, shape, float("nan"), float("nan"), float("nan"),
                                 baseline.latency_us, res.spent, "no valid candidate"))
                 continue
-            recs = [_record(tpl, inst, a.name, shards, device, t, res, baseline, copy_gbps) for t in best]
+            recs = [_record(tpl, inst, a.name, shards, device, on_gpu, t, res, baseline, copy_gbps) for t in best]
             store.add_many(recs)
             stored += recs
             top = recs[0]
-            pct = 100 * top.bandwidth_gbps / copy_gbps if device_type != "cpu" else float("nan")
+            pct = 100 * top.bandwidth_gbps / copy_gbps if on_gpu else float("nan")
             rows.append(Row(tpl.name, shape, top.latency_us, top.bandwidth_gbps, pct,
                             baseline.latency_us, res.spent, top.status))
         bar.close()
-        print_table(rows, a.name, shards, device["device"], copy_gbps, out)
+        print_table(rows, a.name, shards, device["device"], on_gpu, copy_gbps, out)
         return stored
     finally:
         bench.close()
@@ -208,14 +210,8 @@ def _dry_run(instances, target, bench, trials, seed, out) -> list:
     failures = 0
     for inst in instances:
         tpl = get_template(inst.template)
-        space = tpl.space_for(target)
-        cands = [tpl.default_knobs(inst.workload, target)]
-        for _ in range(50 * trials):
-            if len(cands) >= trials:
-                break
-            k = {n: v[rng.integers(len(v))] for n, v in space.items()}
-            if k not in cands and tpl.check(inst.workload, k, target) is None:
-                cands.append(k)
+        cands = tpl.sample_knobs(inst.workload, target, rng, trials,
+                                 first=[tpl.default_knobs(inst.workload, target)])
         built = bench.build_many(tpl.name, inst.workload, cands)
         bad = [e for p, e in built if p is None]
         failures += len(bad)
@@ -232,12 +228,9 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="trial", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def arch_is_gpu(arch: str) -> bool:
-    return get_arch(arch).vendor != "cpu"
-
-
-def print_table(rows: list[Row], arch: str, shards: int, device: str, copy_gbps: float, out) -> None:
-    what = "device copy" if arch_is_gpu(arch) else "one-thread memcpy; no ceiling for cache-resident CPU kernels"
+def print_table(rows: list[Row], arch: str, shards: int, device: str, on_gpu: bool, copy_gbps: float,
+                out) -> None:
+    what = "device copy" if on_gpu else "one-thread memcpy; no ceiling for cache-resident CPU kernels"
     print(f"\n{device} ({arch}), {shards} shard(s); copy bandwidth {copy_gbps:.0f} GB/s ({what})", file=out)
     head = ["kernel", "shape", "best us", "GB/s", "% copy", "baseline us", "speedup", "trials", "status"]
     body = []

@@ -134,15 +134,15 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
     stale_rounds = 0
     while res.spent < trials and time.monotonic() < deadline and stale_rounds < 20:
         model.fit(wl, res.trials)
-        asked, cands = [], []
+        asked, cands, proposed = [], [], set()
         for _ in range(proposals):
             t = study.ask(dists)
             key = tuple(sorted(t.params.items()))
-            why = tpl.check(wl, t.params, target)
-            if why or key in tried or key in {tuple(sorted(c.items())) for c in cands}:
-                # Invalid (pruned before any build) or already measured.
+            if key in tried or key in proposed or tpl.check(wl, t.params, target):
+                # Already measured, already proposed this round, or invalid (pruned before any build).
                 study.tell(t, state=optuna.trial.TrialState.PRUNED)
                 continue
+            proposed.add(key)
             asked.append(t)
             cands.append(dict(t.params))
         if not asked:

@@ -24,12 +24,8 @@ def test_candidates_match_reference_and_stay_under_copy_bandwidth(name):
         shapes = [(1, 4096, 4096), (4, 1024, 11008), (2, 2048, 5504)]
         for wl in ({"batch": b, "H": k} if "norm" in name else {"batch": b, "N": n, "K": k, "quant": "q4f16_1"}
                    for b, n, k in shapes):
-            cands = [tpl.default_knobs(wl, target), None]
-            space = tpl.space_for(target)
-            while len(cands) < 6:
-                k = {n: v[rng.integers(len(v))] for n, v in space.items()}
-                if tpl.check(wl, k, target) is None:
-                    cands.append(k)
+            cands = [None, *tpl.sample_knobs(wl, target, rng, 5, first=[tpl.default_knobs(wl, target)])]
+            assert len(cands) == 6
             for (path, err), knobs in zip(bench.build_many(tpl.name, wl, cands), cands):
                 assert path, err
                 m = bench.measure(path, tpl.name, wl)
