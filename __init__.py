@@ -10,3 +10,17 @@ def tune(**kwargs):
     from .tuner.api import tune as _tune
 
     return _tune(**kwargs)
+
+
+def build(out_dir: str, **kwargs):
+    """Build a model folder; see `shardtune.compiler.build.build`."""
+    from .compiler.build import build as _build
+
+    return _build(out_dir, **kwargs)
+
+
+def load(path: str, seed: int = 0):
+    """A built model, ready to `generate` and `bench`; see `shardtune.runtime.engine.Model`."""
+    from .runtime.engine import load as _load
+
+    return _load(path, seed)

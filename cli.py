@@ -10,7 +10,9 @@ from .errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .compiler.cli import add_build_arguments
     from .database.cli import add_db_commands
+    from .runtime.cli import add_bench_arguments, add_generate_arguments
     from .tuner.cli import add_tune_arguments
     from . import doctor
 
@@ -19,6 +21,10 @@ def _parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="tune a model's kernels for an arch and shard count")
     add_tune_arguments(tune)
+
+    add_build_arguments(sub.add_parser("build", help="compile a Llama with kernels from the tuning database"))
+    add_generate_arguments(sub.add_parser("generate", help="generate text (or ids) with a built model"))
+    add_bench_arguments(sub.add_parser("bench", help="decode tok/s, prefill time, memory, roofline fraction"))
 
     doc = sub.add_parser("doctor", help="versions, buildable targets, visible GPUs, default database")
     doc.set_defaults(func=doctor.run)

@@ -66,6 +66,14 @@ def load_config(model: str) -> LlamaConfig:
     missing = [k for k in need if not isinstance(cfg.get(k), int)]
     if missing:
         raise UserError(f"{path}: Llama config lacks integer {', '.join(missing)}")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    # transformers 5 writes rope_theta inside rope_parameters; 4.x at the top level
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0)
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise UserError(f"{path}: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and head_dim != cfg["hidden_size"] // cfg["num_attention_heads"]:
+        raise UserError(f"{path}: head_dim {head_dim} is not hidden_size / num_attention_heads; not supported")
     return LlamaConfig(
         name=path.parent.name or "custom",
         hidden_size=cfg["hidden_size"],
@@ -74,7 +82,7 @@ def load_config(model: str) -> LlamaConfig:
         num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
         num_hidden_layers=cfg["num_hidden_layers"],
         vocab_size=cfg["vocab_size"],
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_theta=float(theta),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
     )

@@ -26,6 +26,9 @@ class F16Gemv(Template):
     }
     cpu_knobs = CPU_KNOBS
 
+    def output_specs(self, wl):
+        return [((wl["batch"], wl["N"]), "float16")]
+
     def compute(self, wl):
         B, N, K = wl["batch"], wl["N"], wl["K"]
 

@@ -122,6 +122,9 @@ class Q4Gemv(Template):
     def outputs(self, wl) -> int:
         return wl["N"] // 2 if self.epilogue == "silu_mul" else wl["N"]
 
+    def output_specs(self, wl):
+        return [((wl["batch"], self.outputs(wl)), "float16")]
+
     def compute(self, wl, decode: str = "f32"):
         return q4_compute(wl["batch"], wl["N"], wl["K"], self.epilogue, decode)
 

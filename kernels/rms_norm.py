@@ -74,6 +74,9 @@ class RMSNorm(Template):
     }
     tolerance = 2e-3
 
+    def output_specs(self, wl):
+        return [((wl["batch"], wl["H"]), "float16")] * (2 if self.add else 1)   # y (, h)
+
     def compute(self, wl):
         return rms_compute(wl["batch"], wl["H"], self.add)
 

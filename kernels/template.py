@@ -74,6 +74,30 @@ class Template:
         """Random inputs followed by an output buffer, as the kernel takes them."""
         raise NotImplementedError
 
+    def output_specs(self, wl: dict) -> list[tuple[tuple, str]]:
+        """(shape, dtype) of each new output, in order: the arguments after the inputs
+        (scratch included). The model compiler allocates them."""
+        raise NotImplementedError
+
+    #: whether TVM's dlight rules can schedule this compute at all (attention: no)
+    dlight_baseline: bool = True
+
+    def dlight_schedule(self, wl: dict, target, fallback: bool = True):
+        """The compute scheduled by TVM's own dlight GPU rules: the baseline every tuned record
+        must beat. Where only dlight's Fallback rule (one thread per output) applies, that, or
+        None with `fallback=False` (a build then takes the default knobs instead)."""
+        import tvm
+        from tvm.s_tir import dlight as dl
+
+        mod = tvm.IRModule({"main": self.compute(wl)})
+        with target:
+            try:
+                return dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
+                                               dl.gpu.Fallback())(mod)
+            except Exception:  # noqa: BLE001 - dlight raises assorted errors on patterns it half-knows
+                # Its GEMV and Reduction rules assert on the SiLU(gate) * up epilogue.
+                return dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod) if fallback else None
+
     def reference(self, inputs: list[np.ndarray]):
         """The NumPy result the kernel's output must match; a list when it has several
         outputs (they are the last arguments, in order)."""

@@ -9,13 +9,13 @@ import shlex
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import UserError
 from ..kernels import get_template
-from .measure import Bench, Measurement
+from .measure import Bench, Measurement, _one_line
 from .search import open_study, search, study_name
 from .targets import get_arch, local_gpu_arch, target_of
 from .workloads import kernel_instances
@@ -49,8 +49,9 @@ def parse_duration(text: str | float | None) -> float | None:
         raise UserError(f"--time-budget {text!r}: use a number of seconds or e.g. 90s, 10m, 1h") from None
 
 
-def _device_description(device_type: str) -> dict:
-    """The provenance fields of a record that describe where it was measured."""
+def _device_description(device_type: str, remote: dict | None = None) -> dict:
+    """The provenance fields of a record that describe where it was measured:
+    here, or on an RPC server (`remote` is what remote.describe found there)."""
     import tvm
     import tvm_ffi
 
@@ -58,6 +59,8 @@ def _device_description(device_type: str) -> dict:
 
     common = {"tvm_version": tvm.__version__, "tvm_ffi_version": tvm_ffi.__version__,
               "shardtune_version": __version__, "host": socket.gethostname()}
+    if remote is not None:
+        return {**common, **{k: remote[k] for k in ("device", "compute_units", "runtime_version", "host")}}
     if device_type == "cpu":
         name = platform.processor() or platform.machine()
         try:
@@ -75,7 +78,7 @@ def _device_description(device_type: str) -> dict:
 
 
 def _record(tpl, inst, arch: str, shards: int, device: dict, on_gpu: bool, trial, res, baseline,
-            copy_gbps: float):
+            copy_gbps: float, where: dict):
     from ..database import Record
 
     m = trial.m
@@ -87,44 +90,53 @@ def _record(tpl, inst, arch: str, shards: int, device: dict, on_gpu: bool, trial
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         command=_command_line(), **device,
         extra={"baseline_us": baseline.latency_us if baseline.ok else None,
-               "baseline": "dlight" if on_gpu else "default knobs",
-               "copy_gbps": copy_gbps, "layers": list(inst.layers)},
+               "baseline": "dlight" if on_gpu and getattr(tpl, "dlight_baseline", True) else "default knobs",
+               "copy_gbps": copy_gbps, "layers": list(inst.layers), **where},
     )
 
 
 def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_kernel: int = 48,
          time_budget: float | str | None = None, seed: int = 0, kernels: list[str] | None = None,
          dry_run: bool = False, builders: int | None = None, batch: int = 1, quant: str = "q4f16_1",
-         progress: bool = True, out=sys.stdout) -> list:
-    """Tune, store, print a table; returns the Records stored (empty on a dry run)."""
+         progress: bool = True, out=sys.stdout, rpc_tracker: str | None = None, rpc_key: str | None = None,
+         rpc_workers: int | None = None) -> list:
+    """Tune, store, print a table; returns the Records stored (empty on a dry run).
+    With `rpc_tracker` ("host:port") and `rpc_key`, candidates are measured on the devices
+    registered with that TVM RPC tracker under that key, `rpc_workers` at a time
+    (default: as many as the tracker has free servers)."""
     from ..database import TuningDB, default_db_path
     from ..database.records import canonical
 
     a = get_arch(arch)
     instances = kernel_instances(model, shards, kernels, batch=batch, quant=quant)
     budget = parse_duration(time_budget)
-    if a.vendor == "cpu":
-        device_type = "cpu"
-    else:
+    device_type = {"cpu": "cpu", "nvidia": "cuda", "amd": "rocm"}[a.vendor]
+    remote = where = None
+    if rpc_tracker or rpc_key or rpc_workers is not None:
+        remote, where, a = _connect_remote(a, device_type, rpc_tracker, rpc_key, rpc_workers, dry_run)
+    elif a.vendor != "cpu":
         local = local_gpu_arch()
         if local != a.name and not dry_run:
             raise UserError(f"--arch {a.name} needs a local {a.name} GPU to measure on, and this machine has "
-                            f"{local or 'none'}: pass --dry-run to build the candidates only")
-        device_type = None if dry_run else ("cuda" if a.vendor == "nvidia" else "rocm")
+                            f"{local or 'none'}: pass --rpc-tracker HOST:PORT --rpc-key KEY to measure on "
+                            "remote ones, or --dry-run to build the candidates only")
     target = target_of(a)
-    bench = Bench(a.target, None if dry_run else device_type, builders=builders)
+    bench = Bench(a.target, None if dry_run else device_type, builders=builders, remote=remote)
     try:
         if dry_run:
             return _dry_run(instances, target, bench, trials_per_kernel, seed, out)
+        # Remote: a device that fails at once stops the run before the database is touched.
+        copy_gbps = _remote_copy_bandwidth(bench, remote) if remote else None
         db_path = str(db or default_db_path())
         store = TuningDB(db_path)
-        copy_gbps = bench.copy_bandwidth()
+        if copy_gbps is None:
+            copy_gbps = bench.copy_bandwidth()
         on_gpu = device_type != "cpu"
         if on_gpu:
             # A GPU kernel faster than a device copy was timed warm. On CPUs the copy is one
             # thread's memcpy and small kernels live in a cache of hundreds of MB: no such ceiling.
             bench.ceiling_gbps = copy_gbps
-        device = _device_description(device_type)
+        device = _device_description(device_type, where)
         studies = os.path.splitext(db_path)[0] + ".studies.db"
         start = time.monotonic()
         total = trials_per_kernel * len(instances)
@@ -141,7 +153,7 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
             before = bar.n
             res = search(tpl, inst.workload, target, study, bench, trials_per_kernel, deadline, warm,
                          seed, on_trial=lambda: bar.update(1),
-                         builds_per_round=min(8, max(2, bench.n_builders)))
+                         builds_per_round=max(min(8, max(2, bench.n_builders)), bench.n_runners))
             bar.update(max(0, before + trials_per_kernel - bar.n))
             best = res.best(KEEP_PER_KEY)
             baseline = _baseline(bench, tpl, inst.workload, target, a.vendor, res)
@@ -150,7 +162,11 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
                 rows.append(Row(tpl.name, shape, float("nan"), float("nan"), float("nan"),
                                 baseline.latency_us, res.spent, "no valid candidate"))
                 continue
-            recs = [_record(tpl, inst, a.name, shards, device, on_gpu, t, res, baseline, copy_gbps) for t in best]
+            # Remote: which tracker, key and servers measured (`device` was described by one of them).
+            rpc = {} if remote is None else {"rpc": {"tracker": remote.tracker, "key": remote.key,
+                                                     "servers": sorted(bench.servers)}}
+            recs = [_record(tpl, inst, a.name, shards, device, on_gpu, t, res, baseline, copy_gbps, rpc)
+                    for t in best]
             store.add_many(recs)
             stored += recs
             top = recs[0]
@@ -159,14 +175,52 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
                             baseline.latency_us, res.spent, top.status))
         bar.close()
         print_table(rows, a.name, shards, device["device"], on_gpu, copy_gbps, out)
+        if bench.lost:
+            print(bench.lost_summary(), file=out)
         return stored
     finally:
         bench.close()
 
 
+def _connect_remote(a, device_type: str, tracker: str | None, key: str | None, workers: int | None,
+                    dry_run: bool):
+    """Check the tracker and its servers before anything is built or written; returns the
+    RemoteConfig, what describe() found, and the arch (for CPUs: the remote CPU's target)."""
+    from .remote import connect, describe
+
+    if dry_run:
+        raise UserError("--dry-run measures nothing: drop --rpc-tracker/--rpc-key")
+    if not (tracker and key):
+        raise UserError("--rpc-tracker HOST:PORT and --rpc-key KEY go together")
+    remote = connect(tracker, key, device_type, workers)
+    where = describe(remote, a)
+    if where["arch"] != a.name and device_type == "cpu":
+        # Builds link with this machine's tools: no cross-linking to another CPU architecture.
+        raise UserError(f"the servers under key {key!r} are {where['arch']} CPUs and this machine "
+                        f"({a.name}) cannot build for them")
+    if where["arch"] != a.name:
+        raise UserError(f"--arch {a.name}: the servers under key {key!r} have {where['device']} "
+                        f"({where['arch']}); tune for that arch or use another key")
+    if device_type == "cpu" and where.get("mcpu"):
+        # Build for the remote CPU, not this one: same machine type, perhaps another model.
+        a = replace(a, target={**a.target, "mcpu": where["mcpu"], "num-cores": where["cores"]})
+    return remote, where, a
+
+
+def _remote_copy_bandwidth(bench: Bench, remote) -> float:
+    try:
+        return bench.copy_bandwidth()
+    except Exception as e:  # noqa: BLE001 - the first measurement on the servers: say why in one line
+        raise UserError(f"could not measure on {remote.key!r} at {remote.tracker}: {_one_line(e)}") from None
+
+
 def shape_text(wl: dict) -> str:
-    """2048x4096 for a GEMV (N x K), H=8192 for a norm; b2 for batch 2."""
-    text = f"{wl['N']}x{wl['K']}" if "N" in wl else f"H={wl['H']}"
+    """2048x4096 for a GEMV (N x K), H=8192 for a norm, 32/4x128 L=1024 for attention
+    (query/KV heads x head dim, context length); b2 for batch 2."""
+    if "q_heads" in wl:
+        text = f"{wl['q_heads']}/{wl['kv_heads']}x{wl['head_dim']}" + (f" L={wl['length']}" if "length" in wl else "")
+    else:
+        text = f"{wl['N']}x{wl['K']}" if "N" in wl else f"H={wl['H']}"
     return text + (f" b{wl['batch']}" if wl.get("batch", 1) > 1 else "")
 
 
@@ -191,9 +245,11 @@ def _warm_knobs(store, tpl, wl, arch, target, limit: int = 4) -> list[dict]:
 
 
 def _baseline(bench: Bench, tpl, wl, target, vendor, res) -> Measurement:
-    """What a tuned record must beat: dlight's schedule on GPUs, the default knobs on CPUs
-    (measured as the search's first trial: the same run, so the same conditions)."""
-    knobs = None if vendor != "cpu" else tpl.default_knobs(wl, target)
+    """What a tuned record must beat: dlight's schedule on GPUs, the default knobs on CPUs and
+    for kernels dlight cannot schedule (measured as the search's first trial where it was one:
+    the same run, so the same conditions)."""
+    dlight = vendor != "cpu" and getattr(tpl, "dlight_baseline", True)
+    knobs = None if dlight else tpl.default_knobs(wl, target)
     for t in res.trials:
         if knobs is not None and t.knobs == knobs and t.m.ok:
             return t.m

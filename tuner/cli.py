@@ -23,6 +23,11 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--builders", type=int, help="parallel build processes (default: CPU count)")
     p.add_argument("--dry-run", action="store_true",
                    help="build candidates for --arch without measuring or storing (no GPU needed)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="measure on devices registered with this TVM RPC tracker (with --rpc-key)")
+    p.add_argument("--rpc-key", metavar="KEY", help="the tracker key the devices are registered under")
+    p.add_argument("--rpc-workers", type=int, metavar="K",
+                   help="devices measuring at once, one session each (default: the tracker's free servers)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -36,5 +41,6 @@ def run(args) -> int:
     tune(arch=args.arch, shards=args.shards, model=args.model, db=args.db,
          trials_per_kernel=args.trials_per_kernel, time_budget=args.time_budget, seed=args.seed,
          kernels=[k.strip() for k in args.kernels.split(",") if k.strip()], dry_run=args.dry_run,
-         builders=args.builders, batch=args.batch, quant=args.quant, progress=not args.no_progress)
+         builders=args.builders, batch=args.batch, quant=args.quant, progress=not args.no_progress,
+         rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, rpc_workers=args.rpc_workers)
     return 0

@@ -1,11 +1,16 @@
 """Build candidates in parallel worker processes; measure each one in a separate
 process with a timeout, with a cold cache, after checking it against the NumPy
-reference. A candidate that fails to build, hangs or crashes costs one trial."""
+reference. A candidate that fails to build, hangs or crashes costs one trial.
+Measuring happens on the local device, or on devices registered with a TVM RPC
+tracker (tuner/remote.py); both go through `measure_on`."""
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +19,7 @@ import numpy as np
 # from the last-level cache (H100: 50 MB of L2; CPUs: tens of MB of L3).
 MIN_ROTATION_BYTES = 128 << 20
 MAX_COPIES = 256
+RPC_SESS_MASK = 128   # tvm.rpc.base.RPC_SESS_MASK: remote devices' type codes are offset by it
 
 
 @dataclass
@@ -37,38 +43,22 @@ def build(template_name: str, wl: dict, knobs: dict | None, target_json: dict, p
 
     tpl = get_template(template_name)
     target = tvm.target.Target(target_json)
-    mod = tpl.schedule(wl, knobs, target) if knobs is not None else dlight_module(tpl, wl, target)
+    mod = tpl.schedule(wl, knobs, target) if knobs is not None else tpl.dlight_schedule(wl, target)
     with target:  # nvcc takes -arch from the current target
         ex = tvm.compile(mod, target=target)
     ex.export_library(path)
     return path
 
 
-def dlight_module(tpl, wl, target):
-    """The template's compute scheduled by TVM's own dlight GPU rules: the baseline."""
-    import tvm
-    from tvm.s_tir import dlight as dl
-
-    mod = tvm.IRModule({"main": tpl.compute(wl)})
-    with target:
-        try:
-            return dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
-                                           dl.gpu.Fallback())(mod)
-        except Exception:  # noqa: BLE001 - dlight raises assorted errors on patterns it half-knows
-            # Its GEMV and Reduction rules assert on the SiLU(gate) * up epilogue.
-            return dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)
-
-
-def measure(path: str, template_name: str, wl: dict, device_type: str, repeat: int = 10,
-            seed: int = 0) -> dict:
-    """Load a built candidate, check it, then time it with a cold cache. Runs in a worker."""
+def measure_on(dev, load, template_name: str, wl: dict, repeat: int = 10, seed: int = 0) -> dict:
+    """Check a candidate against the NumPy reference (computed here), then time it with a
+    cold cache on `dev`, a local or a remote device; `load()` returns its module."""
     import tvm
 
     from ..kernels import get_template
 
     tpl = get_template(template_name)
-    dev = tvm.runtime.device(device_type, 0)
-    mod = tvm.runtime.load_module(path)
+    mod = load()
     func = mod["main"]
     inputs = tpl.inputs(wl, np.random.default_rng(seed))
     args = [tvm.runtime.tensor(a, device=dev) for a in inputs]
@@ -79,7 +69,8 @@ def measure(path: str, template_name: str, wl: dict, device_type: str, repeat: i
     size = sum(a.nbytes for a in inputs)
     l2 = getattr(dev, "l2_cache_size_bytes", None) or 0
     copies = int(min(MAX_COPIES, max(2, -(-max(MIN_ROTATION_BYTES, 2 * l2) // size))))
-    sets = [args] + [[tvm.runtime.tensor(a, device=dev) for a in inputs] for _ in range(copies - 1)]
+    # The copies are made on the device: for a remote one, the inputs cross the network once.
+    sets = [args] + [[_copy(a, dev) for a in args] for _ in range(copies - 1)]
     timer = mod.time_evaluator("main", dev, number=1, repeat=1)
     for s in sets[:2]:  # warm-up: module load, first-launch costs
         timer(*s)
@@ -90,6 +81,23 @@ def measure(path: str, template_name: str, wl: dict, device_type: str, repeat: i
             times.append(timer(*s).mean * 1e6)
     q1, med, q3 = np.percentile(times, [25, 50, 75])
     return {"latency_us": float(med), "spread_us": float(q3 - q1), "runs": len(times), "rel_error": rel}
+
+
+def _copy(a, dev):
+    import tvm
+
+    out = tvm.runtime.empty(a.shape, a.dtype, dev)
+    a.copyto(out)
+    return out
+
+
+def measure(path: str, template_name: str, wl: dict, device_type: str, repeat: int = 10,
+            seed: int = 0) -> dict:
+    """Load a built candidate on the local device, check and time it. Runs in a worker."""
+    import tvm
+
+    return measure_on(tvm.runtime.device(device_type, 0), lambda: tvm.runtime.load_module(path),
+                      template_name, wl, repeat, seed)
 
 
 def run_poisoned(func, args, n_out: int, dev=None) -> list:
@@ -103,21 +111,43 @@ def run_poisoned(func, args, n_out: int, dev=None) -> list:
 
 
 class Bench:
-    """A pool of builder processes and one measuring process (the device is shared)."""
+    """A pool of builder processes and measuring processes: one for the local device (it is
+    shared), or `remote.workers`, each holding a session with a device under an RPC tracker key."""
+
+    #: how long trials wait when the tracker lists no server at all: a supervisor restarting a
+    #: server takes seconds. Counted once from when they vanished, not per trial.
+    restart_grace_s = 20.0
 
     def __init__(self, target_json: dict, device_type: str | None, builders: int | None = None,
-                 build_timeout: float = 120, run_timeout: float = 60, repeat: int = 10):
+                 build_timeout: float = 120, run_timeout: float = 60, repeat: int = 10, remote=None):
         from tvm.support.popen_pool import PopenPoolExecutor
 
         self.target_json, self.device_type, self.repeat = target_json, device_type, repeat
+        self.run_timeout, self.remote = run_timeout, remote
+        # Remote trials are timed out by the server, which ends a session after session_s (a
+        # measurement starts with at least run_timeout left): it stops a hung kernel and goes on
+        # serving. Breaking the connection mid-call instead stops TVM's server for good.
+        self.session_s = 2 * run_timeout
         self.dir = tempfile.TemporaryDirectory(prefix="shardtune-")
         self.n_builders = builders or max(1, os.cpu_count() or 1)
         # Builders' stderr is TVM's chatter (ROCm version guesses...); failures come back as exceptions.
         self.builders = PopenPoolExecutor(max_workers=self.n_builders, timeout=build_timeout,
                                           stderr=subprocess.DEVNULL)
-        self.runner = PopenPoolExecutor(max_workers=1, timeout=run_timeout) if device_type else None
+        n = remote.workers if remote else 1
+        timeout = self.session_s + 30 if remote else run_timeout   # remote: a backstop (network hangs)
+        self.runners = [PopenPoolExecutor(max_workers=1, timeout=timeout) for _ in range(n)] if device_type else []
+        self.holding = [False] * n          # which runners hold a remote session (used first: no reconnect)
+        self.lost = collections.Counter()   # why trials were lost (a failed build or check is not lost)
+        self.servers: set[str] = set()      # remote servers that measured something
+        self._servers = None                # servers the tracker listed at the start of this round
+        self._lock = threading.Lock()       # runners' threads count lost trials together
+        self._none_since = None             # when the tracker last started listing no server
         self._n = 0
         self.ceiling_gbps = float("inf")   # set to the measured copy bandwidth
+
+    @property
+    def n_runners(self) -> int:
+        return len(self.runners)
 
     def build_many(self, template_name: str, wl: dict, knob_list: list) -> list[tuple[str | None, str]]:
         """(artifact path or None, error) per candidate, built in parallel."""
@@ -135,18 +165,100 @@ class Bench:
         return out
 
     def measure(self, path: str, template_name: str, wl: dict) -> Measurement:
-        try:
-            res = self.runner.submit(measure, path, template_name, wl, self.device_type,
-                                     self.repeat).result()
-        except TimeoutError:
-            return Measurement(error="run: timed out")
-        except Exception as e:  # noqa: BLE001 - a crashing kernel costs this trial only
-            return Measurement(error=f"run: {_one_line(e)}")
-        finally:
+        return self.measure_many([(path, template_name, wl)])[0]
+
+    def measure_many(self, jobs: list[tuple[str, str, dict]]) -> list[Measurement]:
+        """Measure (artifact path, template name, workload) jobs, in parallel over the runners;
+        results in order. A runner that gets no device sits out and leaves its job to the others."""
+        results: list[Measurement | None] = [None] * len(jobs)
+        pending, runners, spare = list(range(len(jobs))), *self._runners_for_round()
+        give_up = time.monotonic() + self.session_s
+        while pending:
+            if not runners:
+                # Every runner sat out. Servers still listed are busy, perhaps with a hung kernel until
+                # the server ends that session: wait for them. None listed: wait a restart's time.
+                if not self.remote or not self._worth_waiting(give_up):
+                    break
+                runners, spare = self._runners_for_round()
+            queue, retry, stayed = collections.deque(pending), [], []
+
+            def work(r):
+                while True:
+                    try:
+                        i = queue.popleft()
+                    except IndexError:
+                        break
+                    m = self._measure_one(r, *jobs[i])
+                    if m is None:
+                        retry.append(i)
+                        return
+                    results[i] = m
+                stayed.append(r)
+
+            if len(runners) == 1:
+                work(runners[0])
+            else:
+                threads = [threading.Thread(target=work, args=(r,)) for r in runners]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            # Runners left out of the round may still hold a live session where the one tried had none.
+            pending, runners, spare = retry + list(queue), stayed + spare, []
+        for i in pending:
+            results[i] = self._lost(jobs[i][0], "no device", f"run: no free device under key {self.remote.key!r}")
+        return results
+
+    def _worth_waiting(self, give_up: float) -> bool:
+        now, servers = time.monotonic(), self.remote.servers()
+        if servers:
+            self._none_since = None
+            return now < give_up
+        self._none_since = self._none_since or now
+        time.sleep(1)   # trying again at once would fail at once
+        return now < self._none_since + self.restart_grace_s
+
+    def _runners_for_round(self) -> tuple[list[int], list[int]]:
+        """(runners to use, spares). Remote: no more than the tracker lists servers (a dead server
+        makes one sit out), those holding a session first."""
+        order = sorted(range(len(self.runners)), key=lambda r: not self.holding[r])
+        self._servers = self.remote.servers() if self.remote and len(order) > 1 else None
+        n = len(order) if self._servers is None else max(1, self._servers)
+        return order[:n], order[n:]
+
+    def _measure_one(self, r: int, path: str, template_name: str, wl: dict) -> Measurement | None:
+        """None: the runner got no remote device (the job is still to do)."""
+        if self.remote:
+            from .remote import measure_remote, stage
+
+            # Waiting for a busy server is pointless when our other runners hold every listed one.
+            others = sum(self.holding) - self.holding[r]
+            wait = 2 if self._servers is not None and others >= self._servers else self.remote.request_wait
             try:
-                os.remove(path)
-            except OSError:
-                pass
+                server = self.runners[r].submit(stage, self.remote, path, self.run_timeout, self.session_s,
+                                                wait).result()
+            except Exception:  # noqa: BLE001 - the worker died or timed out before the trial started
+                server = ""
+            self.holding[r] = bool(server)
+            if not server:
+                return None
+            self.servers.add(server)
+            fn, args = measure_remote, (self.remote, path, template_name, wl, self.repeat)
+        else:
+            fn, args = measure, (path, template_name, wl, self.device_type, self.repeat)
+        try:
+            res = self.runners[r].submit(fn, *args).result()
+        except TimeoutError:
+            self.holding[r] = False
+            return self._lost(path, "timed out", "run: timed out")
+        except Exception as e:  # noqa: BLE001 - a crashing kernel or a lost device costs this trial only
+            self.holding[r] = False
+            if "RPCSessionTimeoutError" in str(e):   # the server ended the session: see session_s
+                return self._lost(path, "timed out", "run: timed out (the RPC server ended the session)")
+            # Remotely, a crashing kernel takes its session (and TVM's server) down: the two look alike.
+            return self._lost(path, "device lost or kernel crashed" if self.remote else "crashed",
+                              f"run: {_one_line(e)}")
+        _remove(path)
         m = Measurement(**res)
         if m.ok:
             from ..kernels import get_template
@@ -157,14 +269,40 @@ class Bench:
                 m.error = f"measurement: {gbps:.0f} GB/s exceeds the copy bandwidth {self.ceiling_gbps:.0f} GB/s"
         return m
 
+    def _lost(self, path: str, why: str, error: str) -> Measurement:
+        _remove(path)
+        with self._lock:
+            self.lost[why] += 1
+        return Measurement(error=error)
+
+    def lost_summary(self) -> str:
+        """One line: how many trials were lost and why; empty when none were."""
+        if not self.lost:
+            return ""
+        return (f"{sum(self.lost.values())} trial(s) lost: "
+                + ", ".join(f"{n} {why}" for why, n in self.lost.most_common()))
+
     def copy_bandwidth(self) -> float:
-        return self.runner.submit(copy_bandwidth, self.device_type).result()
+        """The device's copy bandwidth, measured on the device the candidates run on."""
+        if self.remote:
+            from .remote import copy_bandwidth_remote
+
+            return self.runners[0].submit(copy_bandwidth_remote, self.remote, self.run_timeout,
+                                          self.session_s).result()
+        return self.runners[0].submit(copy_bandwidth, self.device_type).result()
 
     def close(self):
         self.builders.shutdown(wait=False)
-        if self.runner:
-            self.runner.shutdown(wait=False)
+        for r in self.runners:
+            r.shutdown(wait=False)
         self.dir.cleanup()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _one_line(e: BaseException) -> str:
@@ -172,27 +310,30 @@ def _one_line(e: BaseException) -> str:
     return (type(e).__name__ + ": " + (lines[-1] if lines else ""))[:300]
 
 
-def copy_bandwidth(device_type: str, nbytes: int = 512 << 20, repeat: int = 10) -> float:
-    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written:
-    the ceiling no kernel's achieved bandwidth may pass. Runs in a worker."""
-    import time
+def copy_bandwidth(device_type: str) -> float:
+    """The local device's copy bandwidth (see copy_bandwidth_on). Runs in a worker."""
+    import tvm
+
+    return copy_bandwidth_on(tvm.runtime.device(device_type, 0), tvm.get_global_func)
+
+
+def copy_bandwidth_on(dev, get_func, nbytes: int = 512 << 20, repeat: int = 10) -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written: the ceiling
+    no kernel's achieved bandwidth may pass. `dev` may be remote (`get_func` is then the
+    session's get_function): TVM's time evaluator runs and times the copy on the device's side,
+    so no network round trip is counted. On CPUs the copy is one thread's memcpy."""
+    import struct
 
     import tvm
 
-    dev = tvm.runtime.device(device_type, 0)
-    if device_type == "cpu":
+    dev_type = dev.dlpack_device_type() % RPC_SESS_MASK
+    if dev_type == 1:  # kDLCPU
         nbytes = min(nbytes, 256 << 20)
-        src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
-        copy = lambda: np.copyto(dst, src)  # noqa: E731
-    else:
-        src = tvm.runtime.empty((nbytes,), "uint8", dev)
-        dst = tvm.runtime.empty((nbytes,), "uint8", dev)
-        copy = lambda: src.copyto(dst)  # noqa: E731
-    times = []
-    for _ in range(repeat + 1):
-        dev.sync()
-        t0 = time.perf_counter()
-        copy()
-        dev.sync()
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / float(np.median(times[1:])) / 1e9
+    src = tvm.runtime.empty((nbytes,), "uint8", dev)
+    dst = tvm.runtime.empty((nbytes,), "uint8", dev)
+    # (module None: time a global function) name, device, number, repeat, min_repeat_ms,
+    # limit_zero_time_iterations, cooldown_interval_ms, repeats_to_cooldown, cache_flush_bytes, f_preproc
+    feval = get_func("runtime.RPCTimeEvaluator")(None, "runtime.TVMTensorCopyFromTo", dev_type, dev.index,
+                                                 1, repeat, 0, 100, 0, 1, 0, "")
+    times = struct.unpack("@" + "d" * repeat, bytes(feval(src, dst)))
+    return 2 * nbytes / float(np.median(times)) / 1e9

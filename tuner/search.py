@@ -154,8 +154,11 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
         for i in order[len(take):]:   # the cost model passed these over: no build
             study.tell(asked[i], state=optuna.trial.TrialState.PRUNED)
         built = bench.build_many(tpl.name, wl, [cands[i] for i in take])
+        # Measured together: with several (remote) devices, in parallel.
+        ok = [path for path, _ in built if path is not None]
+        measured = iter(bench.measure_many([(path, tpl.name, wl) for path in ok]))
         for i, (path, err) in zip(take, built):
-            m = Measurement(error=err) if path is None else bench.measure(path, tpl.name, wl)
+            m = Measurement(error=err) if path is None else next(measured)
             t = asked[i]
             if m.ok:
                 for k, v in (("spread_us", m.spread_us), ("runs", m.runs), ("rel_error", m.rel_error)):

@@ -1,33 +1,26 @@
-"""From a model and a shard count to the distinct kernel instances worth tuning."""
+"""From a model and a shard count to the distinct kernel instances worth tuning: the
+call sites of `shardtune.plan` (the ones the compiler asks the database for), grouped
+by kind, with attention at several context lengths."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..errors import UserError
-from ..models import Linear, linears, load_config
+from ..models import load_config
+from ..plan import attention_lengths, decode_plan, kv_capacity
 
-KINDS = ("gemv", "norm")
+KINDS = ("gemv", "norm", "attention")
 QUANTS = ("q4f16_1", "q0f16")
+SITES = {"gemv": ("qkv", "o", "gate_up", "down", "lm_head"), "norm": ("norm", "add_norm"),
+         "attention": ("rope", "attention")}
 
 
 @dataclass(frozen=True)
 class KernelInstance:
     template: str
     workload: dict
-    layers: tuple[str, ...]   # which layers of the model use it
+    layers: tuple[str, ...]   # which call sites of the model use it
     calls_per_token: int      # how often one decode step runs it
-
-
-def gemv_template(lin: Linear, quant: str, shards: int) -> str:
-    """Which template serves a linear layer. On one GPU the residual add fuses into o/down;
-    with several, an all-reduce stands between them (the all-reduce fusion does the add)."""
-    if quant == "q0f16" or lin.name == "lm_head":   # q4f16_1 models keep an fp16 head
-        return "q0f16_gemv"
-    if lin.name == "gate_up_proj":
-        return "q4f16_1_gemv_silu_mul"
-    if lin.name in ("o_proj", "down_proj") and shards == 1:
-        return "q4f16_1_gemv_residual"
-    return "q4f16_1_gemv"
 
 
 def kernel_instances(model: str, shards: int, kernels: list[str] | None = None, batch: int = 1,
@@ -39,23 +32,21 @@ def kernel_instances(model: str, shards: int, kernels: list[str] | None = None, 
     if quant not in QUANTS:
         raise UserError(f"unknown quantization {quant!r}: use {', '.join(QUANTS)}")
     cfg = load_config(model)
+    capacity = kv_capacity(cfg)
+    calls = decode_plan(cfg, quant, shards, batch=batch, capacity=capacity)
+    # attention is tuned at each representative length; a build uses one of them (plan.py)
+    calls += [c for length in attention_lengths(capacity)
+              for c in decode_plan(cfg, quant, shards, batch=batch, capacity=capacity, attention_length=length)
+              if c.site == "attention"]
+    wanted = {site for kind in kernels for site in SITES[kind]}
     out: dict[tuple, KernelInstance] = {}
-
-    def add(template: str, wl: dict, layer: str, calls: int) -> None:
-        key = (template, *sorted(wl.items()))
+    for c in calls:
+        if c.site not in wanted:
+            continue
+        key = (c.template, *sorted(c.workload.items()))
         prev = out.get(key)
-        out[key] = KernelInstance(template, wl, (prev.layers if prev else ()) + (layer,),
-                                  (prev.calls_per_token if prev else 0) + calls)
-
-    if "gemv" in kernels:
-        for lin in linears(cfg, shards):
-            template = gemv_template(lin, quant, shards)
-            add(template, {"batch": batch, "N": lin.N, "K": lin.K,
-                           "quant": "q0f16" if template == "q0f16_gemv" else "q4f16_1"}, lin.name, lin.per_token)
-    if "norm" in kernels:
-        # Replicated on every shard. The first layer's input norm and the final norm have no
-        # residual to add; the two norms inside each later step add it first.
-        wl = {"batch": batch, "H": cfg.hidden_size}
-        add("rms_norm", wl, "input_norm", 2)
-        add("add_rms_norm", wl, "post_attention_norm", 2 * cfg.num_hidden_layers - 1)
+        if prev is not None and c.site in prev.layers:   # the same attention length twice
+            continue
+        out[key] = KernelInstance(c.template, c.workload, (prev.layers if prev else ()) + (c.site,),
+                                  (prev.calls_per_token if prev else 0) + c.per_token)
     return list(out.values())

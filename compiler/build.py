@@ -1,0 +1,203 @@
+"""`shardtune build`: a Llama from a checkpoint (or random weights of the real shapes),
+with every template kernel scheduled by the tuning database's best record for
+(arch, shards), into a folder the runtime loads without the checkpoint.
+
+model dir/
+  config.json        the model, quantization, arch, shards, parameters, and where each kernel came from
+  model.so           the compiled decode step (+ the fill functions that make random weights)
+  params/shard-K.safetensors   one file per shard, unless the weights are random
+  tokenizer.json     copied from the checkpoint, when it has one
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from ..models import load_config
+from ..plan import DEFAULT_CAPACITY, check_quant
+from .model import KERNEL_ATTR, Llama
+from .random_fill import add_fill_functions
+
+FORMAT = "shardtune-model/1"
+
+
+def _kernel_tag(func) -> dict | None:
+    attrs = func.attrs
+    if attrs is None or KERNEL_ATTR not in attrs:
+        return None
+    return json.loads(str(attrs[KERNEL_ATTR]))
+
+
+def apply_database(mod, db, arch: str, shards: int, target) -> list[dict]:
+    """Replace each template PrimFunc by its best record's schedule. Without a record a GPU
+    kernel gets TVM's dlight rules (GEMV, norms), or the template's default knobs where dlight
+    has no real rule for it (attention, SiLU(gate)*up); a CPU one gets the default knobs.
+    Returns what each got."""
+    import tvm
+
+    from ..kernels import get_template
+    from ..kernels.template import target_is_gpu
+
+    report = []
+    for gv, func in list(mod.functions.items()):
+        tag = _kernel_tag(func) if isinstance(func, tvm.tirx.PrimFunc) else None
+        if tag is None:
+            continue
+        tpl = get_template(tag["template"])
+        rec = db.best(tpl.name, tag["workload"], arch, shards) if db is not None else None
+        entry = {"function": gv.name_hint, "site": tag["site"], "template": tpl.name, "workload": tag["workload"]}
+        if rec is not None:
+            knobs = rec.knobs
+            entry.update(source="database", knobs=knobs, latency_us=rec.latency_us)
+        else:
+            sched = None
+            if target_is_gpu(target) and tpl.dlight_baseline:
+                sched = tpl.dlight_schedule(tag["workload"], target, fallback=False)
+                entry["source"] = "dlight"
+            if sched is None:   # dlight cannot, or would only give one thread per output
+                knobs = tpl.default_knobs(tag["workload"], target)
+                entry.update(source="default knobs", knobs=knobs)
+        if entry["source"] != "dlight":
+            sched = tpl.schedule(tag["workload"], knobs, target)
+        sched = sched["main"]
+        attrs = {k: v for k, v in func.attrs.items()} if func.attrs else {}
+        for key in ("global_symbol", KERNEL_ATTR, "op_pattern"):
+            sched = sched.with_attr(key, attrs[key])
+        mod[gv] = sched.with_attr("tirx.is_scheduled", True)
+        report.append(entry)
+    return report
+
+
+def _open_db(db_path: str | None):
+    from ..database import TuningDB, default_db_path
+
+    path = Path(db_path) if db_path else default_db_path()
+    if not path.exists():
+        if db_path:
+            raise UserError(f"tuning database {path} does not exist")
+        return None, None
+    return TuningDB.open_existing(path), str(path)
+
+
+def build(out_dir: str, model: str | None = None, weights: str | None = None, random_weights: bool = False,
+          quant: str = "q4f16_1", arch: str = "cpu", shards: int = 1, db: str | None = None,
+          capacity: int = DEFAULT_CAPACITY, log=sys.stderr) -> dict:
+    """Build a model folder; returns its config. `weights` is a Hugging Face checkpoint folder;
+    `model` with `random_weights` builds random weights of that model's real shapes."""
+    import tvm
+
+    from ..tuner.targets import get_arch, target_of
+    from . import weights as W
+
+    check_quant(quant)
+    if (weights is None) == (not random_weights):
+        raise UserError("give either --weights HF_DIR or --model NAME --random-weights")
+    if weights is not None:
+        cfg = load_config(str(Path(weights) / "config.json") if Path(weights).is_dir() else weights)
+    else:
+        if not model:
+            raise UserError("--random-weights needs --model NAME (or a config.json path)")
+        cfg = load_config(model)
+    a = get_arch(arch)
+    if quant == "q0f32" and a.vendor != "cpu":
+        raise UserError("q0f32 is for exact checks on CPUs: use q0f16 or q4f16_1 on GPUs")
+    if capacity > cfg.max_position_embeddings:
+        capacity = cfg.max_position_embeddings
+    target = target_of(a)
+    specs = [W.param_specs(cfg, quant, shards)]   # checks the shard count too
+    out = Path(out_dir)
+    start = time.monotonic()
+
+    llama = Llama(cfg, quant, shards, capacity)
+    mod, named = llama.export()
+    order = [name for name, _ in named]
+    if set(order) != set(specs[0]):
+        raise AssertionError(f"model parameters and weight specs disagree: {sorted(set(order) ^ set(specs[0]))}")
+    store, db_path = _open_db(db)
+    try:
+        kernels = apply_database(mod, store, a.name, shards, target)
+    finally:
+        if store is not None:
+            store.close()
+    add_fill_functions(mod, target)
+    config = {"use_cuda_graph": a.vendor == "nvidia"}
+    with target, tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": config["use_cuda_graph"]}):
+        ex = tvm.compile(mod, target=target)
+
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    ex.export_library(str(tmp / "model.so"))
+    if weights is not None:
+        save_params(weights, cfg, quant, shards, tmp / "params", log)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (Path(weights) / name).is_file():
+                shutil.copy(Path(weights) / name, tmp / name)
+    spec = W.param_specs(cfg, quant, shards)
+    conf = {
+        "format": FORMAT, "model": cfg.to_dict(), "quant": quant, "arch": a.name, "target": a.target,
+        "shards": shards, "capacity": capacity, "random_weights": weights is None,
+        "params": [[name, list(spec[name][0]), spec[name][1]] for name in order],
+        "cache": {"shape": list(llama.cache_shape()), "dtype": "float32" if quant == "q0f32" else "float16",
+                  "count": 2 * cfg.num_hidden_layers},
+        "kernels": kernels, "database": db_path, **config, "eos_token_id": _eos(weights),
+        "built_with": {"tvm": tvm.__version__, "seconds": round(time.monotonic() - start, 1)},
+    }
+    (tmp / "config.json").write_text(json.dumps(conf, indent=1))
+    if out.exists():   # replace only a finished build, never half of one
+        if not (out / "config.json").is_file():
+            shutil.rmtree(tmp)
+            raise UserError(f"{out} exists and is not a shardtune model folder: choose another -o")
+        shutil.rmtree(out)
+    tmp.rename(out)
+    _print_kernel_report(kernels, db_path, log)
+    return conf
+
+
+def _eos(weights: str | None):
+    """The checkpoint's end-of-sequence id(s): generation stops there."""
+    for name in ("generation_config.json", "config.json"):
+        f = Path(weights or "") / name
+        if weights and f.is_file():
+            eos = json.loads(f.read_text()).get("eos_token_id")
+            if eos is not None:
+                return eos
+    return None
+
+
+PARAM_FILE_BYTES = 2 << 30   # split each shard's parameters into files of about this size
+
+
+def save_params(checkpoint: str, cfg, quant: str, shards: int, folder: Path, log) -> None:
+    """params/shard-K-NNNNN.safetensors: each shard's converted parameters, in files of ~2 GB."""
+    from safetensors.numpy import save_file
+    from tqdm import tqdm
+
+    from .weights import convert, param_specs
+
+    folder.mkdir()
+    n_params = len(param_specs(cfg, quant, shards))
+    for shard in range(shards):
+        chunk, size, part = {}, 0, 0
+        for name, arr in tqdm(convert(checkpoint, cfg, quant, shards, shard), total=n_params, file=log,
+                              desc=f"weights shard {shard}", disable=n_params < 50, leave=False):
+            chunk[name], size = arr, size + arr.nbytes
+            if size >= PARAM_FILE_BYTES:
+                save_file(chunk, str(folder / f"shard-{shard}-{part:05d}.safetensors"))
+                chunk, size, part = {}, 0, part + 1
+        if chunk:
+            save_file(chunk, str(folder / f"shard-{shard}-{part:05d}.safetensors"))
+
+
+def _print_kernel_report(kernels: list[dict], db_path: str | None, log) -> None:
+    tuned = [k for k in kernels if k["source"] == "database"]
+    others = [k for k in kernels if k["source"] != "database"]
+    print(f"kernels: {len(tuned)} from {db_path or 'no tuning database'}, {len(others)} without a record", file=log)
+    for k in others:
+        shape = ",".join(f"{key}={v}" for key, v in k["workload"].items())
+        print(f"  {k['site']:<10} {k['template']:<24} {shape}: {k['source']}", file=log)

@@ -1,0 +1,37 @@
+"""`shardtune build`: a thin layer over shardtune.compiler.build.build()."""
+from __future__ import annotations
+
+import argparse
+
+from ..plan import DEFAULT_CAPACITY, QUANTS
+
+
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", metavar="HF_DIR", help="a Hugging Face Llama checkpoint folder (safetensors)")
+    src.add_argument("--model", help="a preset (llama2-7b, llama2-70b, ...) or a config.json, with --random-weights")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights of the model's real shapes, made on the device when it loads")
+    p.add_argument("--quant", default="q4f16_1", choices=QUANTS, help="weight quantization (default q4f16_1)")
+    p.add_argument("--arch", default="cpu", help="cpu, sm_80/sm_86/sm_89/sm_90, gfx90a/gfx942/gfx1100 (default cpu)")
+    p.add_argument("--shards", type=int, default=1, help="tensor-parallel shard count (default 1)")
+    p.add_argument("--db", help="tuning database (default ~/.cache/shardtune/tuning.db or $SHARDTUNE_DB)")
+    p.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY,
+                   help=f"KV-cache tokens (default {DEFAULT_CAPACITY}, at most the model's context)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="model folder to write")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..errors import UserError
+    from .build import build
+
+    if args.model and not args.random_weights:
+        raise UserError("--model builds random weights: add --random-weights, or pass --weights HF_DIR")
+    if args.weights and args.random_weights:
+        raise UserError("--random-weights goes with --model, not --weights")
+    conf = build(args.output, model=args.model, weights=args.weights, random_weights=args.random_weights,
+                 quant=args.quant, arch=args.arch, shards=args.shards, db=args.db, capacity=args.capacity)
+    print(f"built {conf['model']['name']} {conf['quant']} for {conf['arch']} x{conf['shards']} "
+          f"in {conf['built_with']['seconds']} s: {args.output}")
+    return 0

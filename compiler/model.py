@@ -1,0 +1,166 @@
+"""The Llama decode step as one Relax program (tvm.relax.frontend.nn).
+
+Every call site the plan names (`shardtune.plan`) is a kernel template's compute, called
+with `tensor_ir_op` and tagged with its template and workload, so the build can swap in
+the schedule the tuning database holds for it. What the plan leaves out (everything in
+q0f32, the embedding lookup, casts) is TVM's own operators.
+
+One decode step reads the token and its position from device buffers and updates the KV
+cache in place: every shape is static, so a CUDA graph can capture the whole step."""
+from __future__ import annotations
+
+import json
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op, spec
+
+from ..kernels import get_template
+from ..models import LlamaConfig
+from ..plan import KernelCall, decode_plan, plan_by_site, residual_in_gemv
+
+KERNEL_ATTR = "shardtune.kernel"   # JSON {"template", "workload", "site"} on each template PrimFunc
+
+
+def act_dtype(quant: str) -> str:
+    return "float32" if quant == "q0f32" else "float16"
+
+
+def template_op(call: KernelCall, args: list, inplace: list[int] | None = None):
+    """Call the template's unscheduled compute on `args`. Its parameters after the arguments
+    are the new outputs (scratch included), allocated by Relax; `inplace` names arguments the
+    kernel updates, returned first. One tensor back, or a list when there are several."""
+    func = get_template(call.template).compute(call.workload)
+    tag = json.dumps({"template": call.template, "workload": call.workload, "site": call.site}, sort_keys=True)
+    name = f"{call.template}_{call.site}"
+    # kOpaque (8): Relax's FuseOps must not merge a template into its neighbours, or the
+    # database's schedule would no longer fit it. A unique symbol per call site.
+    func = func.with_attr(KERNEL_ATTR, tag).with_attr("op_pattern", 8).with_attr("global_symbol", name)
+    outs = get_template(call.template).output_specs(call.workload)
+    placeholders = [nn.Tensor.placeholder(list(shape), dtype) for shape, dtype in outs]
+    if inplace is None:
+        return op.tensor_ir_op(func, name, args, placeholders if len(placeholders) > 1 else placeholders[0])
+    placeholders = [nn.Tensor.placeholder(args[i].shape, args[i].dtype) for i in inplace] + placeholders
+    return op.tensor_ir_inplace_op(func, name, args, inplace + [-1] * len(outs), placeholders)
+
+
+class Linear(nn.Module):
+    """y = W x for one shard's slice of W [n, k]: fp16/fp32 weights, or q4f16_1 words and scales."""
+
+    def __init__(self, n: int, k: int, quant: str):
+        self.n, self.k, self.quant = n, k, quant
+        if quant == "q4f16_1":
+            self.qweight = nn.Parameter((n, k // 8), "uint32")
+            self.qscale = nn.Parameter((n, k // 32), "float16")
+        else:
+            self.weight = nn.Parameter((n, k), act_dtype(quant))
+
+    def weights(self) -> list:
+        return [self.qweight, self.qscale] if self.quant == "q4f16_1" else [self.weight]
+
+    def forward(self, x, call: KernelCall | None, extra: tuple = ()):
+        if call is None:    # q0f32: TVM's matmul
+            return op.matmul(x, op.permute_dims(self.weight))
+        return template_op(call, [x, *self.weights(), *extra])
+
+
+class Weight(nn.Module):
+    """A module holding one tensor, so its parameter is named `<attribute>.weight`."""
+
+    def __init__(self, shape: tuple, dtype: str):
+        self.weight = nn.Parameter(shape, dtype)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, quant: str, shards: int):
+        h, hd = cfg.hidden_size, cfg.head_dim
+        self.hq, self.hkv = cfg.num_attention_heads // shards, cfg.num_key_value_heads // shards
+        self.inter = cfg.intermediate_size // shards
+        self.input_norm = Weight((h,), act_dtype(quant))
+        self.qkv = Linear((self.hq + 2 * self.hkv) * hd, h, quant)
+        self.o = Linear(h, self.hq * hd, quant)
+        self.post_norm = Weight((h,), act_dtype(quant))
+        self.gate_up = Linear(2 * self.inter, h, quant)
+        self.down = Linear(h, self.inter, quant)
+
+
+class Llama(nn.Module):
+    """One shard's decode step: decode(token [1], pos [1], caches) -> (logits [1, V] fp32, caches)."""
+
+    def __init__(self, cfg: LlamaConfig, quant: str, shards: int = 1, capacity: int = 4096):
+        self.cfg, self.quant, self.shards, self.capacity = cfg, quant, shards, capacity
+        self.plan = plan_by_site(decode_plan(cfg, quant, shards, capacity=capacity))
+        dt = act_dtype(quant)
+        self.embed = Weight((cfg.vocab_size, cfg.hidden_size), dt)
+        self.layers = nn.ModuleList([Layer(cfg, quant, shards) for _ in range(cfg.num_hidden_layers)])
+        self.norm = Weight((cfg.hidden_size,), dt)
+        self.lm_head = Linear(cfg.vocab_size, cfg.hidden_size, "q0f32" if quant == "q0f32" else "q0f16")
+        self.fused_residual = residual_in_gemv(quant, shards)
+
+    # --- pieces ---------------------------------------------------------------
+    def _norm(self, x, weight, residual=None):
+        """(y, h): RMSNorm of h = x (+ residual). A template where the plan has one."""
+        if residual is not None and "add_norm" in self.plan:
+            y, h = template_op(self.plan["add_norm"], [x, residual, weight])
+            return y, h
+        h = x if residual is None else x + residual
+        if "norm" in self.plan:
+            return template_op(self.plan["norm"], [h, weight]), h
+        return op.rms_norm(h, weight, axes=[-1], epsilon=self.cfg.rms_norm_eps), h
+
+    def _reduce(self, partial):
+        """Row-parallel layers leave partial sums on each shard."""
+        return op.ccl_allreduce(partial, "sum") if self.shards > 1 else partial
+
+    def _attention(self, layer: Layer, y, pos, k_cache, v_cache, new_caches: list):
+        qkv = layer.qkv(y, self.plan.get("qkv"))
+        k_cache, v_cache, q = template_op(self.plan["rope"], [qkv, pos, k_cache, v_cache], inplace=[2, 3])
+        new_caches += [k_cache, v_cache]
+        out = template_op(self.plan["attention"], [q, k_cache, v_cache, pos])
+        return out[0] if isinstance(out, (list, tuple)) else out   # the rest is scratch
+
+    def _mlp(self, layer: Layer, y):
+        """SiLU(gate) * up: fused into the q4 GEMV, TVM's operators otherwise."""
+        if self.quant == "q4f16_1":
+            return layer.gate_up(y, self.plan["gate_up"])
+        gate, up = op.split(layer.gate_up(y, self.plan.get("gate_up")), 2, axis=-1)
+        return op.silu(gate) * up
+
+    # --- the step -------------------------------------------------------------
+    def decode(self, token, pos, caches):
+        h = op.take(self.embed.weight, token, axis=0)          # [1, H]
+        new_caches = []
+        if self.fused_residual:     # the o/down GEMVs add the residual
+            for i, layer in enumerate(self.layers):
+                y, _ = self._norm(h, layer.input_norm.weight)
+                a = self._attention(layer, y, pos, caches[2 * i], caches[2 * i + 1], new_caches)
+                h = layer.o(a, self.plan["o"], extra=(h,))
+                y, _ = self._norm(h, layer.post_norm.weight)
+                h = layer.down(self._mlp(layer, y), self.plan["down"], extra=(h,))
+            y, _ = self._norm(h, self.norm.weight)
+        else:                       # the next norm adds it, after the all-reduce
+            y, h = self._norm(h, self.layers[0].input_norm.weight)
+            for i, layer in enumerate(self.layers):
+                a = self._attention(layer, y, pos, caches[2 * i], caches[2 * i + 1], new_caches)
+                y, h = self._norm(self._reduce(layer.o(a, self.plan.get("o"))), layer.post_norm.weight, h)
+                d = self._reduce(layer.down(self._mlp(layer, y), self.plan.get("down")))
+                next_weight = self.layers[i + 1].input_norm.weight if i + 1 < len(self.layers) else self.norm.weight
+                y, h = self._norm(d, next_weight, h)
+        logits = self.lm_head(y, self.plan.get("lm_head"))
+        return op.astype(logits, "float32"), tuple(new_caches)
+
+    def cache_shape(self) -> tuple:
+        return (self.cfg.num_key_value_heads // self.shards, self.capacity, self.cfg.head_dim)
+
+    def export(self):
+        """(IRModule, [(param name, nn.Parameter)])."""
+        dt = act_dtype(self.quant)
+        caches = [spec.Tensor(list(self.cache_shape()), dt) for _ in range(2 * self.cfg.num_hidden_layers)]
+        mod, params = self.export_tvm(spec={"decode": {
+            "token": spec.Tensor([1], "int32"), "pos": spec.Tensor([1], "int32"),
+            "caches": caches}})
+        # Relax's CUDA-graph rewrite captures only what depends on arguments past `num_input`
+        # (the weights). The runtime passes the very same token, position and cache tensors on
+        # every step, so they are as fixed as the weights: count them in, and one graph holds
+        # the whole step instead of pieces between the attention kernels.
+        mod["decode"] = mod["decode"].with_attr("num_input", 0)
+        return mod, params

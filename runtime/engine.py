@@ -1,0 +1,229 @@
+"""Load a built model folder on its device and generate: `shardtune.load(path)`.
+
+The decode step takes the token and position from device buffers and updates the KV
+cache in place, so every step calls the VM with the very same tensors: what a CUDA
+graph replays. The prompt is fed through the same step, one token at a time."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import UserError
+from ..models import LlamaConfig
+
+
+def _device_for(conf: dict):
+    import tvm
+
+    kind = conf["target"]["kind"]
+    if kind == "llvm":
+        return tvm.cpu(0)
+    dev = tvm.cuda(0) if kind == "cuda" else tvm.rocm(0)
+    try:
+        ok = dev.exist
+    except Exception:  # noqa: BLE001 - no driver at all
+        ok = False
+    if not ok:
+        raise UserError(f"this model was built for {conf['arch']} and needs a {kind.upper()} GPU; none is visible here")
+    return dev
+
+
+class Model:
+    def __init__(self, path: str, seed: int = 0):
+        import tvm
+        from tvm import relax
+
+        self.path = Path(path)
+        conf_file = self.path / "config.json"
+        if not conf_file.is_file():
+            raise UserError(f"{path}: not a shardtune model folder (no config.json); make one with `shardtune build`")
+        try:
+            self.conf = json.loads(conf_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{conf_file}: unreadable ({e})") from None
+        if self.conf.get("format") != "shardtune-model/1":
+            raise UserError(f"{conf_file}: not a shardtune model config (format {self.conf.get('format')!r})")
+        if self.conf["shards"] != 1:
+            raise UserError(f"{path} is sharded over {self.conf['shards']} GPUs; multi-GPU runs are not available yet")
+        self.cfg = LlamaConfig(**self.conf["model"])
+        self.dev = _device_for(self.conf)
+        self.lib = tvm.runtime.load_module(str(self.path / "model.so"))
+        self.vm = relax.VirtualMachine(self.lib, self.dev)
+        self.params = self._load_params(seed)
+        cache = self.conf["cache"]
+        self.caches = [tvm.runtime.empty(tuple(cache["shape"]), cache["dtype"], self.dev)
+                       for _ in range(cache["count"])]
+        self.token = tvm.runtime.empty((1,), "int32", self.dev)
+        self.pos = tvm.runtime.empty((1,), "int32", self.dev)
+        self.capacity = self.conf["capacity"]
+        self.tokenizer = self._load_tokenizer()
+
+    # --- loading --------------------------------------------------------------
+    def _load_params(self, seed: int) -> list:
+        import tvm
+
+        specs = self.conf["params"]
+        if self.conf["random_weights"]:
+            from ..compiler.random_fill import fill_name, value_range
+
+            out = []
+            for i, (name, shape, dtype) in enumerate(specs):
+                t = tvm.runtime.empty(tuple(shape), dtype, self.dev)
+                lo, hi = value_range(name, dtype)
+                fill = self.lib.get_function(fill_name(dtype), query_imports=True)
+                fill(t._create_view((int(np.prod(shape)),)), (seed * 7919 + i * 104729) & 0xFFFFFFFF, lo, hi)
+                out.append(t)
+            self.dev.sync()
+            return out
+        from safetensors import safe_open
+
+        files = sorted((self.path / "params").glob("shard-0-*.safetensors"))
+        found = {}
+        for f in files:
+            with safe_open(str(f), framework="np") as fh:
+                for name in fh.keys():
+                    found[name] = (f, fh)
+        out = []
+        for name, shape, dtype in specs:
+            if name not in found:
+                raise UserError(f"{self.path}/params: parameter {name} is missing; rebuild the model")
+            with safe_open(str(found[name][0]), framework="np") as fh:
+                arr = fh.get_tensor(name)
+            if list(arr.shape) != shape or str(arr.dtype) != dtype:
+                raise UserError(f"{self.path}/params: {name} is {arr.dtype}{list(arr.shape)}, expected {dtype}{shape}")
+            out.append(tvm.runtime.tensor(arr, device=self.dev))
+        return out
+
+    def _load_tokenizer(self):
+        f = self.path / "tokenizer.json"
+        if not f.is_file():
+            return None
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(f))
+
+    # --- one step ---------------------------------------------------------------
+    def step(self, token: int, pos: int) -> np.ndarray:
+        """Feed `token` at position `pos`; the logits [V] for the next token (float32)."""
+        if pos >= self.capacity:
+            raise UserError(f"context full: the KV cache holds {self.capacity} tokens (build with a larger --capacity)")
+        self.token.copyfrom(np.array([token], np.int32))
+        self.pos.copyfrom(np.array([pos], np.int32))
+        logits, _ = self.vm["decode"](self.token, self.pos, self.caches, *self.params)
+        return logits.numpy()[0]
+
+    # --- generation -------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise UserError(f"{self.path} has no tokenizer.json (random weights?): pass --prompt-ids")
+        return self.tokenizer.encode(prompt).ids
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else " ".join(map(str, ids))
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 64, on_token: Callable[[int], None] | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+                 return_logits: bool = False):
+        """Greedy when temperature is 0, else nucleus sampling. Returns the new ids
+        (and each step's logits when asked)."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not ids:
+            raise UserError("the prompt is empty")
+        vocab = self.cfg.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise UserError(f"prompt ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        if len(ids) + max_new_tokens > self.capacity:
+            raise UserError(f"prompt ({len(ids)}) + new tokens ({max_new_tokens}) exceed the KV cache ({self.capacity})")
+        rng = np.random.default_rng(seed)
+        eos = self.conf.get("eos_token_id")
+        for pos, t in enumerate(ids):
+            logits = self.step(t, pos)
+        out, all_logits = [], []
+        pos = len(ids)
+        for _ in range(max_new_tokens):
+            all_logits.append(logits)
+            nxt = sample(logits, temperature, top_p, rng)
+            out.append(nxt)
+            if on_token:
+                on_token(nxt)
+            if stop_at_eos and eos is not None and nxt in (eos if isinstance(eos, list) else [eos]):
+                break
+            if len(out) == max_new_tokens:
+                break
+            logits = self.step(nxt, pos)
+            pos += 1
+        return (out, np.stack(all_logits)) if return_logits else out
+
+    def bench(self, prompt_len: int = 8, gen_len: int = 256, repeat: int = 3, seed: int = 0) -> dict:
+        """Decode tokens/s, prefill time, memory, and the fraction of the memory roofline."""
+        from ..tuner.measure import copy_bandwidth
+
+        if prompt_len < 1 or gen_len < 1 or repeat < 1:
+            raise UserError("--prompt-len, --gen-len and --repeat must be positive")
+        if prompt_len + gen_len > self.capacity:
+            raise UserError(f"prompt + generation ({prompt_len + gen_len}) exceed the KV cache ({self.capacity})")
+        rng = np.random.default_rng(seed)
+        prompt = rng.integers(0, self.cfg.vocab_size, prompt_len).tolist()
+        self.generate(prompt, max_new_tokens=4, stop_at_eos=False)   # warm-up: first launches, graph capture
+        prefill, decode = [], []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for pos, t in enumerate(prompt):
+                logits = self.step(t, pos)
+            t1 = time.perf_counter()
+            tok, pos = int(np.argmax(logits)), prompt_len
+            for _ in range(gen_len):
+                tok = int(np.argmax(self.step(tok, pos)))
+                pos += 1
+            t2 = time.perf_counter()
+            prefill.append(t1 - t0)
+            decode.append(gen_len / (t2 - t1))
+        weight_bytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for n, s, d in self.conf["params"]
+                           if not n.startswith("embed"))
+        device_type = {"llvm": "cpu", "cuda": "cuda", "rocm": "rocm"}[self.conf["target"]["kind"]]
+        copy_gbps = copy_bandwidth(device_type)
+        tok_s = float(np.median(decode))
+        return {
+            "model": self.cfg.name, "quant": self.conf["quant"], "shards": self.conf["shards"],
+            "arch": self.conf["arch"], "device": _device_name(self.dev), "prompt_len": prompt_len,
+            "gen_len": gen_len, "repeat": repeat, "decode_tok_s": tok_s, "decode_tok_s_runs": decode,
+            "prefill_ms": float(np.median(prefill)) * 1e3, "prefill": "token by token through the decode step",
+            "weight_bytes_per_token": weight_bytes, "copy_gbps": copy_gbps,
+            "roofline_fraction": weight_bytes * tok_s / (copy_gbps * 1e9),
+            "gpu_memory_bytes": _memory_used(self),
+            "random_weights": self.conf["random_weights"], "use_cuda_graph": self.conf.get("use_cuda_graph", False),
+        }
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = (logits - logits.max()) / temperature
+    p = np.exp(z.astype(np.float64))
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
+    return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
+
+
+def _device_name(dev) -> str:
+    if dev.dlpack_device_type() == 1:
+        import platform
+
+        return platform.processor() or platform.machine()
+    return dev.device_name
+
+
+def _memory_used(model: Model) -> int:
+    """Bytes of parameters and KV cache the model holds on its device."""
+    tensors = model.params + model.caches
+    return int(sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors))
+
+
+def load(path: str, seed: int = 0) -> Model:
+    return Model(path, seed)

@@ -1,0 +1,196 @@
+"""The model compiler and runtime on the CPU, against a real (tiny) Hugging Face Llama:
+q0f32 greedy ids and logits against transformers, q4f16_1 against transformers run on
+the dequantized weights, and the build/generate/bench commands with their bad inputs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from shardtune import build, load  # noqa: E402
+from shardtune.compiler.weights import quantize_q4  # noqa: E402
+from shardtune.kernels.q4_gemv import dequantize  # noqa: E402
+
+PROMPT = [1, 5, 17, 42, 7]
+WORDS = [f"w{i}" for i in range(100)]
+
+
+def _save_tokenizer(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random Llama saved by transformers (safetensors), with grouped-query attention."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=100,
+                                   rms_norm_eps=1e-5, max_position_embeddings=256, tie_word_embeddings=False,
+                                   rope_theta=10000.0, eos_token_id=None, bos_token_id=1)
+    folder = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    _save_tokenizer(folder)
+    return folder
+
+
+def hf_greedy(model, n: int):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([PROMPT]), max_new_tokens=n, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+    return out.sequences[0, len(PROMPT):].tolist(), torch.stack(out.logits)[:, 0].float().numpy()
+
+
+def agree_until_near_tie(ours: list[int], ref_ids: list[int], ref_logits: np.ndarray, margin: float) -> int:
+    """How many ids match, stopping without blame at the first step whose top-2 reference
+    logits are closer than `margin` (there either answer is right)."""
+    for i, (a, b) in enumerate(zip(ours, ref_ids)):
+        top2 = np.sort(ref_logits[i])[-2:]
+        if top2[1] - top2[0] < margin:
+            return len(ref_ids)
+        if a != b:
+            return i
+    return len(ref_ids)
+
+
+@pytest.fixture(scope="module")
+def built(hf_dir, tmp_path_factory):
+    out = {}
+    for quant in ("q0f32", "q4f16_1", "q0f16"):
+        path = tmp_path_factory.mktemp("models") / quant
+        build(str(path), weights=str(hf_dir), quant=quant, arch="cpu", capacity=64, db=None)
+        out[quant] = path
+    return out
+
+
+def test_q0f32_matches_transformers(hf_dir, built):
+    ref_ids, ref_logits = hf_greedy(transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval(), 24)
+    ids, logits = load(str(built["q0f32"])).generate(PROMPT, max_new_tokens=24, return_logits=True)
+    assert agree_until_near_tie(ids, ref_ids, ref_logits, 1e-4) == len(ref_ids), (ids, ref_ids)
+    assert np.abs(logits - ref_logits).max() < 1e-4 * max(1.0, np.abs(ref_logits).max())
+
+
+def test_q4f16_1_matches_dequantized_reference(hf_dir, built):
+    """transformers in fp32 on the dequantized q4 weights is what our q4f16_1 kernels compute
+    (up to fp16 activations)."""
+    ref = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("proj.weight"):
+                p.copy_(torch.from_numpy(dequantize(*quantize_q4(p.numpy()))))
+    ref_ids, ref_logits = hf_greedy(ref, 16)
+    ids, logits = load(str(built["q4f16_1"])).generate(PROMPT, max_new_tokens=16, return_logits=True)
+    scale = np.abs(ref_logits).max()
+    assert np.abs(logits - ref_logits).max() < 1e-2 * scale
+    assert agree_until_near_tie(ids, ref_ids, ref_logits, 2e-2 * scale) == len(ref_ids), (ids, ref_ids)
+    # and it is not the unquantized model: quantization must show
+    _, fp_logits = hf_greedy(transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval(), 16)
+    assert np.abs(logits[0] - fp_logits[0]).max() > np.abs(logits[0] - ref_logits[0]).max()
+
+
+def test_q0f16_close_to_transformers(hf_dir, built):
+    _, ref_logits = hf_greedy(transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval(), 8)
+    _, logits = load(str(built["q0f16"])).generate(PROMPT, max_new_tokens=8, return_logits=True)
+    assert np.abs(logits - ref_logits).max() < 1e-2 * np.abs(ref_logits).max()
+
+
+def test_model_folder(built):
+    conf = json.loads((built["q4f16_1"] / "config.json").read_text())
+    assert conf["quant"] == "q4f16_1" and conf["shards"] == 1 and not conf["random_weights"]
+    assert (built["q4f16_1"] / "tokenizer.json").is_file()
+    sources = {k["site"]: k["source"] for k in conf["kernels"]}
+    assert {"qkv", "o", "gate_up", "down", "lm_head", "rope", "attention"} <= set(sources)
+    names = [p[0] for p in conf["params"]]
+    assert "layers.0.qkv.qweight" in names and "lm_head.weight" in names
+
+
+def shardtune(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "shardtune", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def test_cli_generate_and_bench(built, tmp_path):
+    model = built["q0f32"]
+    r = shardtune("generate", model, "--prompt", "w1 w5 w17", "--max-new-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.split()) == 5 and all(w in WORDS for w in r.stdout.split())
+    r = shardtune("generate", model, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "6", "--print-ids")
+    assert r.returncode == 0, r.stderr
+    assert [int(x) for x in r.stdout.split()] == load(str(model)).generate(PROMPT, max_new_tokens=6)
+    r = shardtune("generate", model, "--prompt-ids", "1,2", "--temperature", "0.8", "--top-p", "0.9",
+                  "--max-new-tokens", "4", "--print-ids", "--seed", "3")
+    assert r.returncode == 0 and len(r.stdout.split()) == 4
+    out = tmp_path / "bench.json"
+    r = shardtune("bench", model, "--gen-len", "8", "--repeat", "2", "--json", out)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["decode_tok_s"] > 0 and len(res["decode_tok_s_runs"]) == 2 and res["copy_gbps"] > 0
+    assert 0 < res["roofline_fraction"] and res["weight_bytes_per_token"] > 0
+
+
+def test_random_weights_build_is_deterministic(tmp_path):
+    out = tmp_path / "rand"
+    r = shardtune("build", "--model", "tiny", "--random-weights", "--quant", "q4f16_1", "--arch", "cpu",
+                  "--capacity", "32", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert not (out / "params").exists()       # nothing but the library and config
+    a = load(str(out), seed=1).generate([1, 2, 3], max_new_tokens=5)
+    b = load(str(out), seed=1).generate([1, 2, 3], max_new_tokens=5)
+    assert a == b and len(a) == 5
+
+
+def test_cuda_and_rocm_builds_without_a_gpu(tmp_path):
+    out = tmp_path / "cuda"
+    r = shardtune("build", "--model", "tiny", "--random-weights", "--arch", "sm_90", "--capacity", "32", "-o", out)
+    assert r.returncode == 0, r.stderr
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["use_cuda_graph"] and {k["source"] for k in conf["kernels"]} <= {"dlight", "default knobs", "database"}
+    r = shardtune("generate", out, "--prompt-ids", "1,2")
+    if r.returncode != 0:    # no GPU here: one clear line
+        assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["build", "--model", "llama2-70b", "--random-weights", "--shards", "3", "-o", "{tmp}/x"], "do not divide"),
+    (["build", "--model", "tiny", "--random-weights", "--arch", "sm_90", "--quant", "q0f32", "-o", "{tmp}/x"], "q0f32"),
+    (["build", "--model", "tiny", "-o", "{tmp}/x"], "--random-weights"),
+    (["build", "--model", "tiny", "--random-weights", "--arch", "sm_99", "-o", "{tmp}/x"], "unknown arch"),
+    (["build", "--weights", "{tmp}", "-o", "{tmp}/x"], "config"),
+    (["generate", "{tmp}", "--prompt-ids", "1"], "not a shardtune model folder"),
+])
+def test_bad_input_is_one_line(args, message, tmp_path):
+    r = shardtune(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+
+
+def test_wrong_checkpoint_and_existing_folder(hf_dir, built, tmp_path):
+    # a checkpoint of another size: its config disagrees with its tensors
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in hf_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    conf = json.loads((bad / "config.json").read_text())
+    conf["hidden_size"] = 128
+    (bad / "config.json").write_text(json.dumps(conf))
+    r = shardtune("build", "--weights", bad, "--quant", "q0f32", "-o", tmp_path / "out")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert not (tmp_path / "out").exists()
+    # an existing folder that is not a model is never replaced
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("x")
+    r = shardtune("build", "--model", "tiny", "--random-weights", "--capacity", "16", "-o", keep)
+    assert r.returncode == 2 and (keep / "precious.txt").read_text() == "x"
+    # prompt text needs a tokenizer
+    r = shardtune("generate", built["q0f32"], "--prompt-ids", "1,500")
+    assert r.returncode == 2 and "outside the vocabulary" in r.stderr
