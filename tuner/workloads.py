@@ -33,8 +33,8 @@ def kernel_instances(model: str, shards: int, kernels: list[str] | None = None, 
         raise UserError(f"unknown quantization {quant!r}: use {', '.join(QUANTS)}")
     cfg = load_config(model)
     capacity = kv_capacity(cfg)
-    calls = decode_plan(cfg, quant, shards, batch=batch, capacity=capacity)
-    # attention is tuned at each representative length; a build uses one of them (plan.py)
+    calls = [c for c in decode_plan(cfg, quant, shards, batch=batch, capacity=capacity) if c.site != "attention"]
+    # attention is tuned at each representative length, shortest first; a build uses one (plan.py)
     calls += [c for length in attention_lengths(capacity)
               for c in decode_plan(cfg, quant, shards, batch=batch, capacity=capacity, attention_length=length)
               if c.site == "attention"]
