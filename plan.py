@@ -43,7 +43,7 @@ class KernelCall:
 
 def check_quant(quant: str) -> None:
     if quant not in QUANTS:
-        raise UserError(f"unknown quantization {quant!r}: use {', '.join(QUANTS)}")
+        raise UserError(f"unknown quantization {quant!r}: use one of {', '.join(QUANTS)}")
 
 
 def residual_in_gemv(quant: str, shards: int) -> bool:

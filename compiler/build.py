@@ -108,15 +108,15 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     if capacity > cfg.max_position_embeddings:
         capacity = cfg.max_position_embeddings
     target = target_of(a)
-    specs = [W.param_specs(cfg, quant, shards)]   # checks the shard count too
+    spec = W.param_specs(cfg, quant, shards)   # checks the shard count too
     out = Path(out_dir)
     start = time.monotonic()
 
     llama = Llama(cfg, quant, shards, capacity)
     mod, named = llama.export()
     order = [name for name, _ in named]
-    if set(order) != set(specs[0]):
-        raise AssertionError(f"model parameters and weight specs disagree: {sorted(set(order) ^ set(specs[0]))}")
+    if set(order) != set(spec):
+        raise AssertionError(f"model parameters and weight specs disagree: {sorted(set(order) ^ set(spec))}")
     store, db_path = _open_db(db)
     try:
         kernels = apply_database(mod, store, a.name, shards, target)
@@ -138,7 +138,6 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
         for name in ("tokenizer.json", "tokenizer_config.json"):
             if (Path(weights) / name).is_file():
                 shutil.copy(Path(weights) / name, tmp / name)
-    spec = W.param_specs(cfg, quant, shards)
     conf = {
         "format": FORMAT, "model": cfg.to_dict(), "quant": quant, "arch": a.name, "target": a.target,
         "shards": shards, "capacity": capacity, "random_weights": weights is None,

@@ -21,8 +21,10 @@ import numpy as np
 
 from ..errors import UserError
 from ..models import GROUP_SIZE, LlamaConfig, linears, load_config
+from ..plan import QUANTS, check_quant
 
-QUANTS = ("q4f16_1", "q0f16", "q0f32")
+__all__ = ["QUANTS", "convert", "param_specs", "quantize_q4", "read_checkpoint", "shard_param"]
+
 
 # safetensors dtypes we read; BF16 is read as its raw 16 bits and widened to float32.
 _NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
@@ -37,8 +39,7 @@ def _float_dtype(quant: str) -> str:
 
 def param_specs(cfg: LlamaConfig, quant: str, shards: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype) of one shard's parameters, in the order the model takes them."""
-    if quant not in QUANTS:
-        raise UserError(f"unknown quantization {quant!r}: use one of {', '.join(QUANTS)}")
+    check_quant(quant)
     lin = {x.name: (x.N, x.K) for x in linears(cfg, shards)}  # checks the shard count too
     fdt, H, V = _float_dtype(quant), cfg.hidden_size, cfg.vocab_size
     if quant == "q4f16_1":

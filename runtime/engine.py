@@ -81,22 +81,21 @@ class Model:
             return out
         from safetensors import safe_open
 
-        files = sorted((self.path / "params").glob("shard-0-*.safetensors"))
-        found = {}
-        for f in files:
-            with safe_open(str(f), framework="np") as fh:
-                for name in fh.keys():
-                    found[name] = (f, fh)
-        out = []
-        for name, shape, dtype in specs:
-            if name not in found:
-                raise UserError(f"{self.path}/params: parameter {name} is missing; rebuild the model")
-            with safe_open(str(found[name][0]), framework="np") as fh:
-                arr = fh.get_tensor(name)
-            if list(arr.shape) != shape or str(arr.dtype) != dtype:
-                raise UserError(f"{self.path}/params: {name} is {arr.dtype}{list(arr.shape)}, expected {dtype}{shape}")
-            out.append(tvm.runtime.tensor(arr, device=self.dev))
-        return out
+        wanted = {name: (shape, dtype) for name, shape, dtype in specs}
+        loaded = {}
+        for f in sorted((self.path / "params").glob("shard-0-*.safetensors")):
+            with safe_open(str(f), framework="np") as fh:   # one tensor in host memory at a time
+                for name in fh.keys() & wanted.keys():
+                    arr = fh.get_tensor(name)
+                    shape, dtype = wanted[name]
+                    if list(arr.shape) != shape or str(arr.dtype) != dtype:
+                        raise UserError(f"{self.path}/params: {name} is {arr.dtype}{list(arr.shape)}, "
+                                        f"expected {dtype}{shape}")
+                    loaded[name] = tvm.runtime.tensor(arr, device=self.dev)
+        missing = [name for name in wanted if name not in loaded]
+        if missing:
+            raise UserError(f"{self.path}/params: parameter {missing[0]} is missing; rebuild the model")
+        return [loaded[name] for name, _, _ in specs]
 
     def _load_tokenizer(self):
         f = self.path / "tokenizer.json"

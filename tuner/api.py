@@ -90,7 +90,7 @@ def _record(tpl, inst, arch: str, shards: int, device: dict, on_gpu: bool, trial
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         command=_command_line(), **device,
         extra={"baseline_us": baseline.latency_us if baseline.ok else None,
-               "baseline": "dlight" if on_gpu and getattr(tpl, "dlight_baseline", True) else "default knobs",
+               "baseline": "dlight" if on_gpu and tpl.dlight_baseline else "default knobs",
                "copy_gbps": copy_gbps, "layers": list(inst.layers), **where},
     )
 
@@ -248,7 +248,7 @@ def _baseline(bench: Bench, tpl, wl, target, vendor, res) -> Measurement:
     """What a tuned record must beat: dlight's schedule on GPUs, the default knobs on CPUs and
     for kernels dlight cannot schedule (measured as the search's first trial where it was one:
     the same run, so the same conditions)."""
-    dlight = vendor != "cpu" and getattr(tpl, "dlight_baseline", True)
+    dlight = vendor != "cpu" and tpl.dlight_baseline
     knobs = None if dlight else tpl.default_knobs(wl, target)
     for t in res.trials:
         if knobs is not None and t.knobs == knobs and t.m.ok:

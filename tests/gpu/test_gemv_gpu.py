@@ -34,7 +34,7 @@ def test_candidates_match_reference_and_stay_under_copy_bandwidth(name):
         bench.ceiling_gbps = copy
         rng = np.random.default_rng(0)
         for wl in _workloads(tpl):
-            base = [None] if getattr(tpl, "dlight_baseline", True) else []
+            base = [None] if tpl.dlight_baseline else []
             cands = [*base, *tpl.sample_knobs(wl, target, rng, 5, first=[tpl.default_knobs(wl, target)])]
             assert len(cands) >= len(base) + 2   # small spaces (norms at H=1024) hold fewer
             for (path, err), knobs in zip(bench.build_many(tpl.name, wl, cands), cands):
