@@ -13,7 +13,7 @@ def _parser() -> argparse.ArgumentParser:
     from .compiler.cli import add_build_arguments
     from .database.cli import add_db_commands
     from .runtime.cli import add_bench_arguments, add_generate_arguments
-    from .tuner.cli import add_tune_arguments
+    from .tuner.cli import add_regress_arguments, add_tune_arguments
     from . import doctor
 
     p = argparse.ArgumentParser(prog="shardtune", description=__doc__.splitlines()[0])
@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
 
     doc = sub.add_parser("doctor", help="versions, buildable targets, visible GPUs, default database")
     doc.set_defaults(func=doctor.run)
+
+    add_regress_arguments(sub.add_parser("regress", help="rebuild and re-measure a database's best records; "
+                                                          "fail on regressions"))
 
     db = sub.add_parser("db", help="tuning database: init, import, export, merge, diff, best, validate, stats")
     add_db_commands(db)

@@ -48,11 +48,13 @@ def apply_database(mod, db, arch: str, shards: int, target) -> list[dict]:
         if tag is None:
             continue
         tpl = get_template(tag["template"])
-        rec = db.best(tpl.name, tag["workload"], arch, shards) if db is not None else None
+        rec, tuned_at = _best_record(db, tpl.name, tag["workload"], arch, shards)
         entry = {"function": gv.name_hint, "site": tag["site"], "template": tpl.name, "workload": tag["workload"]}
         if rec is not None:
             knobs = rec.knobs
             entry.update(source="database", knobs=knobs, latency_us=rec.latency_us)
+            if tuned_at != shards:
+                entry["tuned_at_shards"] = tuned_at
         else:
             sched = None
             if target_is_gpu(target) and tpl.dlight_baseline:
@@ -72,14 +74,27 @@ def apply_database(mod, db, arch: str, shards: int, target) -> list[dict]:
     return report
 
 
-def _open_db(db_path: str | None):
-    from ..database import TuningDB, default_db_path
-
-    path = Path(db_path) if db_path else default_db_path()
-    if not path.exists():
-        if db_path:
-            raise UserError(f"tuning database {path} does not exist")
+def _best_record(db, template: str, workload: dict, arch: str, shards: int):
+    """(record, its shard count). The same per-shard workload runs the same at any shard count
+    (a norm over the full hidden size, say): a record tuned at another count serves too."""
+    if db is None:
         return None, None
+    for s in [shards] + [s for s in (1, 2, 4, 8) if s != shards]:
+        rec = db.best(template, workload, arch, s)
+        if rec is not None:
+            return rec, s
+    return None, None
+
+
+def _open_db(db_path: str | None, arch: str, shards: int, log):
+    from ..database import TuningDB
+    from ..database.reference import open_for_build
+
+    if not db_path:   # the user's default database, else the shipped reference (it says so)
+        return open_for_build(arch, shards, log)
+    path = Path(db_path)
+    if not path.exists():
+        raise UserError(f"tuning database {path} does not exist")
     return TuningDB.open_existing(path), str(path)
 
 
@@ -117,7 +132,7 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     order = [name for name, _ in named]
     if set(order) != set(spec):
         raise AssertionError(f"model parameters and weight specs disagree: {sorted(set(order) ^ set(spec))}")
-    store, db_path = _open_db(db)
+    store, db_path = _open_db(db, a.name, shards, log)
     try:
         kernels = apply_database(mod, store, a.name, shards, target)
     finally:

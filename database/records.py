@@ -39,6 +39,7 @@ class Record:
     host: str = ""
     created_at: str = ""          # ISO 8601, UTC
     command: str = ""             # the command line that produced it
+    source_sha: str = ""          # hash of the generated code (tuner.measure.source_sha); "" if not recorded
     extra: dict = field(default_factory=dict)  # anything else worth keeping (e.g. baseline µs)
 
     @property
@@ -51,7 +52,12 @@ class Record:
         return (self.template, self.workload_key, self.arch, self.shards)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The record as plain JSON. `source_sha` only when known: records made before the
+        field existed keep their JSON lines, export bytes and ids."""
+        d = dataclasses.asdict(self)
+        if not d["source_sha"]:
+            del d["source_sha"]
+        return d
 
     @classmethod
     def fields(cls) -> list[str]:

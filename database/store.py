@@ -28,7 +28,7 @@ from .records import Record, canonical
 log = logging.getLogger("shardtune.database")
 
 APPLICATION = "shardtune"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 30.0
 SQLITE_HEADER = b"SQLite format 3\x00"
 JSON_COLUMNS = ("workload", "knobs", "extra")
@@ -77,7 +77,13 @@ def _v1_to_v2(db: sqlite_utils.Database) -> None:
                                          index_name="ms_records_by_workload")
 
 
-MIGRATIONS = {0: _v0_to_v1, 1: _v1_to_v2}  # version N -> N + 1
+def _v2_to_v3(db: sqlite_utils.Database) -> None:
+    # The hash of a record's generated code, for `shardtune regress --compile-only`. Nullable:
+    # NULL is "not recorded" (every record made before this version), read back as "".
+    db["records"].add_column("source_sha", str)
+
+
+MIGRATIONS = {0: _v0_to_v1, 1: _v1_to_v2, 2: _v2_to_v3}  # version N -> N + 1
 assert sorted(MIGRATIONS) == list(range(SCHEMA_VERSION))
 
 
@@ -155,6 +161,20 @@ class TuningDB:
     def open_existing(cls, path: str | os.PathLike | None = None) -> "TuningDB":
         """Read-only: fails on a missing or empty file, never creates or writes one."""
         return cls(path, readonly=True)
+
+    @classmethod
+    def from_records(cls, records, name: str) -> "TuningDB":
+        """A read-only database in memory holding `records` (a JSON Lines file's, say): queried
+        like a file, written nowhere. `name` stands for its path in messages."""
+        self = cls.__new__(cls)
+        self.path, self.readonly, self.schema_version = Path(name), True, SCHEMA_VERSION
+        self.conn = sqlite3.connect(":memory:", check_same_thread=False)
+        self.db = sqlite_utils.Database(self.conn, execute_plugins=False)
+        rows = cls._rows(records)
+        with self.conn:
+            migrate(self.db, 0)
+            self.db["records"].insert_all(rows, ignore=True)
+        return self
 
     def _open_readonly(self) -> sqlite3.Connection:
         if not self.path.is_file():
@@ -383,6 +403,7 @@ def to_row(rec: Record) -> dict:
 
 def from_row(row: dict) -> Record:
     d = {name: row[name] for name in Record.fields()}
+    d["source_sha"] = d["source_sha"] or ""
     for col in JSON_COLUMNS:
         d[col] = json.loads(d[col])
     return Record(**d)

@@ -22,11 +22,15 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", metavar="OUT_DIR", help="a folder made by `shardtune build`")
+    p.add_argument("model_dirs", metavar="OUT_DIR", nargs="+",
+                   help="a folder made by `shardtune build` (with --scaling: several, or their bench JSON files)")
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--gen-len", type=int, default=256)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the result(s) as JSON")
+    p.add_argument("--scaling", action="store_true",
+                   help="bench each build (or read its JSON) and compare tok/s across GPU counts")
+    p.add_argument("--plot", metavar="PNG", help="with --scaling: draw tok/s against GPUs (needs matplotlib)")
     p.set_defaults(func=run_bench)
 
 
@@ -70,16 +74,89 @@ def run_generate(args) -> int:
     return 0
 
 
-def run_bench(args) -> int:
+def _bench_one(path: str, args) -> dict:
     from .engine import load
 
-    result = load(args.model_dir).bench(prompt_len=args.prompt_len, gen_len=args.gen_len, repeat=args.repeat)
+    model = load(path)
+    result = model.bench(prompt_len=args.prompt_len, gen_len=args.gen_len, repeat=args.repeat)
+    if hasattr(model, "close"):
+        model.close()
     result["command"] = " ".join(["shardtune", *sys.argv[1:]]) if sys.argv else ""
     print(f"{result['model']} {result['quant']} x{result['shards']} on {result['device']}: "
           f"{result['decode_tok_s']:.1f} tok/s decode ({result['roofline_fraction']:.0%} of the roofline at "
           f"{result['copy_gbps']:.0f} GB/s), prefill {result['prompt_len']} "
-          f"tokens in {result['prefill_ms']:.1f} ms, {result['gpu_memory_bytes'] / 2**30:.2f} GiB")
+          f"tokens in {result['prefill_ms']:.1f} ms, {result['gpu_memory_bytes'] / 2**30:.2f} GiB", flush=True)
+    return result
+
+
+def run_bench(args) -> int:
+    from ..errors import UserError
+
+    if not args.scaling:
+        if len(args.model_dirs) > 1:
+            raise UserError("several model folders need --scaling")
+        result = _bench_one(args.model_dirs[0], args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
+    results = []
+    for path in args.model_dirs:
+        if path.endswith(".json"):
+            try:
+                loaded = json.load(open(path))
+            except (OSError, json.JSONDecodeError) as e:
+                raise UserError(f"{path}: not a bench result ({e})") from None
+            results += loaded if isinstance(loaded, list) else [loaded]
+        else:
+            results.append(_bench_one(path, args))
+    print(scaling_table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(results, f, indent=1)
+    if args.plot:
+        plot_scaling(results, args.plot)
     return 0
+
+
+def _series(results: list[dict]) -> dict:
+    """{(model, quant): [(gpus, tok/s), ...] by GPU count}"""
+    out: dict = {}
+    for r in results:
+        out.setdefault((r["model"], r["quant"]), []).append((r["shards"], r["decode_tok_s"]))
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def scaling_table(results: list[dict]) -> str:
+    rows = ["model           quant     GPUs   tok/s  vs fewest  rises"]
+    for (model, quant), points in _series(results).items():
+        base = points[0][1]
+        for i, (gpus, tok_s) in enumerate(points):
+            rises = "" if i == 0 else ("yes" if tok_s > points[i - 1][1] else "NO")
+            rows.append(f"{model:<15} {quant:<9} {gpus:>4} {tok_s:>7.1f} {tok_s / base:>9.2f}x  {rises}")
+    return "\n".join(rows)
+
+
+def plot_scaling(results: list[dict], png: str) -> None:
+    from ..errors import UserError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib (pip install 'shardtune[plot]')") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (model, quant), points in _series(results).items():
+        gpus, tok_s = zip(*points)
+        ax.plot(gpus, tok_s, marker="o", label=f"{model} {quant}")
+    devices = sorted({r["device"].split(" x ")[-1] for r in results})
+    ax.set(xlabel="GPUs (tensor-parallel shards)", ylabel="decode tok/s (batch 1)",
+           title=f"shardtune decode scaling, {', '.join(devices)}")
+    ax.set_xticks(sorted({r["shards"] for r in results}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"plot: {png}")

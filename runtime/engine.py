@@ -16,41 +16,47 @@ from ..errors import UserError
 from ..models import LlamaConfig
 
 
-def _device_for(conf: dict):
+def _device_for(conf: dict, device_id: int = 0):
     import tvm
 
     kind = conf["target"]["kind"]
     if kind == "llvm":
         return tvm.cpu(0)
-    dev = tvm.cuda(0) if kind == "cuda" else tvm.rocm(0)
+    dev = tvm.cuda(device_id) if kind == "cuda" else tvm.rocm(device_id)
     try:
         ok = dev.exist
     except Exception:  # noqa: BLE001 - no driver at all
         ok = False
     if not ok:
-        raise UserError(f"this model was built for {conf['arch']} and needs a {kind.upper()} GPU; none is visible here")
+        what = f"{conf['arch']} GPU #{device_id}" if device_id else f"{kind.upper()} GPU"
+        raise UserError(f"this model was built for {conf['arch']} and needs a {what}; none is visible here")
     return dev
 
 
+def read_config(path: str) -> dict:
+    conf_file = Path(path) / "config.json"
+    if not conf_file.is_file():
+        raise UserError(f"{path}: not a shardtune model folder (no config.json); make one with `shardtune build`")
+    try:
+        conf = json.loads(conf_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{conf_file}: unreadable ({e})") from None
+    if conf.get("format") != "shardtune-model/1":
+        raise UserError(f"{conf_file}: not a shardtune model config (format {conf.get('format')!r})")
+    return conf
+
+
 class Model:
-    def __init__(self, path: str, seed: int = 0):
+    """One shard of a model on one device. `load()` gives this for a one-GPU build; a
+    sharded build's disco workers each hold one (runtime/disco_worker.py)."""
+
+    def __init__(self, path: str, seed: int = 0, shard: int = 0, device_id: int = 0):
         import tvm
         from tvm import relax
 
-        self.path = Path(path)
-        conf_file = self.path / "config.json"
-        if not conf_file.is_file():
-            raise UserError(f"{path}: not a shardtune model folder (no config.json); make one with `shardtune build`")
-        try:
-            self.conf = json.loads(conf_file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{conf_file}: unreadable ({e})") from None
-        if self.conf.get("format") != "shardtune-model/1":
-            raise UserError(f"{conf_file}: not a shardtune model config (format {self.conf.get('format')!r})")
-        if self.conf["shards"] != 1:
-            raise UserError(f"{path} is sharded over {self.conf['shards']} GPUs; multi-GPU runs are not available yet")
-        self.cfg = LlamaConfig(**self.conf["model"])
-        self.dev = _device_for(self.conf)
+        self._setup(path)
+        self.shard = shard
+        self.dev = _device_for(self.conf, device_id)
         self.lib = tvm.runtime.load_module(str(self.path / "model.so"))
         self.vm = relax.VirtualMachine(self.lib, self.dev)
         self.params = self._load_params(seed)
@@ -59,6 +65,12 @@ class Model:
                        for _ in range(cache["count"])]
         self.token = tvm.runtime.empty((1,), "int32", self.dev)
         self.pos = tvm.runtime.empty((1,), "int32", self.dev)
+
+    def _setup(self, path: str) -> None:
+        """What the controller needs besides the device: config, tokenizer."""
+        self.path = Path(path)
+        self.conf = read_config(path)
+        self.cfg = LlamaConfig(**self.conf["model"])
         self.capacity = self.conf["capacity"]
         self.tokenizer = self._load_tokenizer()
 
@@ -75,7 +87,7 @@ class Model:
                 t = tvm.runtime.empty(tuple(shape), dtype, self.dev)
                 lo, hi = value_range(name, dtype)
                 fill = self.lib.get_function(fill_name(dtype), query_imports=True)
-                fill(t._create_view((int(np.prod(shape)),)), (seed * 7919 + i * 104729) & 0xFFFFFFFF, lo, hi)
+                fill(t._create_view((int(np.prod(shape)),)), (seed * 7919 + i * 104729 + self.shard * 15485863) & 0xFFFFFFFF, lo, hi)
                 out.append(t)
             self.dev.sync()
             return out
@@ -83,7 +95,7 @@ class Model:
 
         wanted = {name: (shape, dtype) for name, shape, dtype in specs}
         loaded = {}
-        for f in sorted((self.path / "params").glob("shard-0-*.safetensors")):
+        for f in sorted((self.path / "params").glob(f"shard-{self.shard}-*.safetensors")):
             with safe_open(str(f), framework="np") as fh:   # one tensor in host memory at a time
                 for name in fh.keys() & wanted.keys():
                     arr = fh.get_tensor(name)
@@ -108,12 +120,22 @@ class Model:
     # --- one step ---------------------------------------------------------------
     def step(self, token: int, pos: int) -> np.ndarray:
         """Feed `token` at position `pos`; the logits [V] for the next token (float32)."""
-        if pos >= self.capacity:
-            raise UserError(f"context full: the KV cache holds {self.capacity} tokens (build with a larger --capacity)")
+        self._check_pos(pos)
+        return self.run_step(token, pos).numpy()[0]
+
+    def run_step(self, token: int, pos: int):
+        """One decode step; the logits [1, V] stay on the device."""
         self.token.copyfrom(np.array([token], np.int32))
         self.pos.copyfrom(np.array([pos], np.int32))
         logits, _ = self.vm["decode"](self.token, self.pos, self.caches, *self.params)
-        return logits.numpy()[0]
+        return logits
+
+    def device_name(self) -> str:
+        return _device_name(self.dev)
+
+    def _check_pos(self, pos: int) -> None:
+        if pos >= self.capacity:
+            raise UserError(f"context full: the KV cache holds {self.capacity} tokens (build with a larger --capacity)")
 
     # --- generation -------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -189,13 +211,14 @@ class Model:
         tok_s = float(np.median(decode))
         return {
             "model": self.cfg.name, "quant": self.conf["quant"], "shards": self.conf["shards"],
-            "arch": self.conf["arch"], "device": _device_name(self.dev), "prompt_len": prompt_len,
+            "arch": self.conf["arch"], "device": self.device_name(), "prompt_len": prompt_len,
             "gen_len": gen_len, "repeat": repeat, "decode_tok_s": tok_s, "decode_tok_s_runs": decode,
             "prefill_ms": float(np.median(prefill)) * 1e3, "prefill": "token by token through the decode step",
             "weight_bytes_per_token": weight_bytes, "copy_gbps": copy_gbps,
             "roofline_fraction": weight_bytes * tok_s / (copy_gbps * 1e9),
             "gpu_memory_bytes": _memory_used(self),
             "random_weights": self.conf["random_weights"], "use_cuda_graph": self.conf.get("use_cuda_graph", False),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
 
@@ -219,10 +242,17 @@ def _device_name(dev) -> str:
 
 
 def _memory_used(model: Model) -> int:
-    """Bytes of parameters and KV cache the model holds on its device."""
-    tensors = model.params + model.caches
-    return int(sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors))
+    """Bytes of parameters and KV cache the model holds on each of its devices."""
+    conf = model.conf
+    params = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in conf["params"])
+    cache = conf["cache"]
+    return int(params + cache["count"] * int(np.prod(cache["shape"])) * np.dtype(cache["dtype"]).itemsize)
 
 
 def load(path: str, seed: int = 0) -> Model:
+    """The model in `path` on as many GPUs as it has shards."""
+    if read_config(path)["shards"] > 1:
+        from .sharded import ShardedModel
+
+        return ShardedModel(path, seed)
     return Model(path, seed)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from shardtune.database import Record, TuningDB, canonical, export_jsonl
+from shardtune.database import SCHEMA_VERSION, Record, TuningDB, canonical, export_jsonl
 from shardtune.database.checks import installed_tvm_version
 from shardtune.kernels import KnobError, get_template
 
@@ -67,7 +67,7 @@ def test_init_import_export(tmp_path, q4_record):
     src.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in reversed(records)))
 
     proc = shardtune("db", "init", db)
-    assert proc.returncode == 0 and "schema 2, 0 records" in proc.stdout
+    assert proc.returncode == 0 and f"schema {SCHEMA_VERSION}, 0 records" in proc.stdout
     proc = shardtune("db", "import", db, src)
     assert proc.returncode == 0 and "imported 3 records" in proc.stdout
     proc = shardtune("db", "import", db, src)
@@ -110,7 +110,7 @@ def test_best_validate_stats(tmp_path, q4_record):
     assert "4 records, 3 valid, 1 stale" in proc.stdout and "tuned with TVM 0.1.0" in proc.stdout
 
     proc = shardtune("db", "stats", db)
-    assert proc.returncode == 0 and "schema 2" in proc.stdout and "4 records (3 valid, 1 stale)" in proc.stdout
+    assert proc.returncode == 0 and f"schema {SCHEMA_VERSION}" in proc.stdout and "4 records (3 valid, 1 stale)" in proc.stdout
     assert any(line.split()[:6] == [TEMPLATE, "sm_90", "1", "1", "3", "1"] for line in proc.stdout.splitlines())
 
 

@@ -12,8 +12,10 @@ from shardtune.tuner.measure import run_poisoned
 from shardtune.tuner.targets import get_arch, target_of
 
 CPU = target_of(get_arch("cpu"))
-# The decode-step templates take attention shapes, not GEMV/norm ones: tests/test_attention.py.
-TEMPLATES = sorted(n for n in all_templates() if n not in ("decode_attention", "rope_kv_append"))
+# The attention, RoPE and embedding templates take other shapes: tests/test_attention.py,
+# tests/test_prefill_kernels.py.
+OTHER_SHAPES = ("decode_attention", "rope_kv_append", "embedding", "prefill_attention", "prefill_rope_kv_append")
+TEMPLATES = sorted(n for n in all_templates() if n not in OTHER_SHAPES)
 
 
 def as_workload(name, batch, N, K):

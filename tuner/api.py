@@ -88,7 +88,7 @@ def _record(tpl, inst, arch: str, shards: int, device: dict, on_gpu: bool, trial
         bandwidth_gbps=tpl.bytes_moved(inst.workload) / (m.latency_us * 1e-6) / 1e9,
         max_rel_error=m.rel_error, status="complete" if res.complete else "partial", trials=res.spent,
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        command=_command_line(), **device,
+        command=_command_line(), source_sha=m.source_sha, **device,
         extra={"baseline_us": baseline.latency_us if baseline.ok else None,
                "baseline": "dlight" if on_gpu and tpl.dlight_baseline else "default knobs",
                "copy_gbps": copy_gbps, "layers": list(inst.layers), **where},

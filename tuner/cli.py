@@ -44,3 +44,40 @@ def run(args) -> int:
          builders=args.builders, batch=args.batch, quant=args.quant, progress=not args.no_progress,
          rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, rpc_workers=args.rpc_workers)
     return 0
+
+
+def add_regress_arguments(p: argparse.ArgumentParser) -> None:
+    from ..database.cli import DB_HELP
+
+    p.description = ("Rebuild the best record of every key of a tuning database with the installed TVM and "
+                     "shardtune, re-check its numerics and re-measure it on the local device (or through "
+                     "--rpc-tracker), and compare with the stored latency. A verdict of slower or faster needs "
+                     "a change beyond --threshold and beyond the spread of the measurements.")
+    p.epilog = "exit status: 0 clean; 1 on any slower, wrong (numerics) or failed record; 2 unusable input"
+    p.add_argument("--db", metavar="DB", help=DB_HELP + "; a .jsonl export works too")
+    p.add_argument("--arch", help="only records of this arch (measuring: default, the local GPU's)")
+    p.add_argument("--shards", type=int, help="only records of this shard count")
+    p.add_argument("--template", help="only records of this kernel template")
+    p.add_argument("--threshold", default="5%", help="smallest change reported as slower/faster (default 5%%)")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per record (default 3)")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--compile-only", action="store_true",
+                      help="no device: rebuild every record for its arch, report build failures and changed "
+                           "generated code")
+    mode.add_argument("--baseline-db", metavar="OTHER",
+                      help="compare DB's stored latencies with OTHER's (same device class), no build")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on devices under this TVM RPC tracker")
+    p.add_argument("--rpc-key", metavar="KEY", help="the tracker key the devices are registered under")
+    p.add_argument("--rpc-workers", type=int, metavar="K", help="devices measuring at once")
+    p.add_argument("--builders", type=int, help="parallel build processes (default: CPU count)")
+    p.set_defaults(func=run_regress)
+
+
+def run_regress(args) -> int:
+    from .regress import regress
+
+    return regress(db=args.db, arch=args.arch, shards=args.shards, template=args.template,
+                   threshold=args.threshold, repeats=args.repeats, compile_only=args.compile_only,
+                   baseline_db=args.baseline_db, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
+                   rpc_workers=args.rpc_workers, builders=args.builders, json_path=args.json)

@@ -6,7 +6,9 @@ tracker (tuner/remote.py); both go through `measure_on`."""
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
+import re
 import subprocess
 import tempfile
 import threading
@@ -29,14 +31,18 @@ class Measurement:
     runs: int = 0
     rel_error: float = float("nan")
     error: str = ""                    # why it failed; empty when it succeeded
+    source_sha: str = ""               # of the candidate's generated code (see source_sha)
 
     @property
     def ok(self) -> bool:
         return not self.error
 
 
-def build(template_name: str, wl: dict, knobs: dict | None, target_json: dict, path: str) -> str:
-    """Compile one candidate (knobs None: TVM's dlight rules) into a shared library at `path`."""
+def build(template_name: str, wl: dict, knobs: dict | None, target_json: dict, path: str,
+          nvcc: bool = False) -> tuple[str, str]:
+    """Compile one candidate (knobs None: TVM's dlight rules) into a shared library at `path`;
+    returns (path, source_sha). With `nvcc`, CUDA source is also compiled to a cubin by nvcc:
+    without a GPU driver TVM stops at CUDA source, and this proves the source builds (CI)."""
     import tvm
 
     from ..kernels import get_template
@@ -46,8 +52,31 @@ def build(template_name: str, wl: dict, knobs: dict | None, target_json: dict, p
     mod = tpl.schedule(wl, knobs, target) if knobs is not None else tpl.dlight_schedule(wl, target)
     with target:  # nvcc takes -arch from the current target
         ex = tvm.compile(mod, target=target)
+        if nvcc and target.kind.name == "cuda":
+            from tvm.support import nvcc as tvm_nvcc
+
+            tvm_nvcc.compile_cuda(generated_source(ex), target_format="cubin", compiler="nvcc")
     ex.export_library(path)
-    return path
+    return path, source_sha(ex)
+
+
+def generated_source(ex) -> str:
+    """The code TVM generated for a compiled candidate: the device module's source (CUDA C
+    for NVIDIA) on GPUs, the LLVM IR on CPUs."""
+    mod = ex.mod
+    return mod.imports[0].inspect_source() if mod.imports else mod.inspect_source("ll")
+
+
+_HEAP_ADDRESS = re.compile(r'"0x[0-9a-f]+"')
+
+
+def source_sha(ex) -> str:
+    """A hash of generated_source() that is the same for the same code in every process:
+    LLVM IR names its alias-analysis nodes by heap addresses, renumbered here in order of
+    appearance. Records store it (Record.source_sha); `shardtune regress` compares."""
+    seen: dict[str, int] = {}
+    text = _HEAP_ADDRESS.sub(lambda m: f'"p{seen.setdefault(m.group(0), len(seen))}"', generated_source(ex))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def measure_on(dev, load, template_name: str, wl: dict, repeat: int = 10, seed: int = 0) -> dict:
@@ -144,6 +173,8 @@ class Bench:
         self._none_since = None             # when the tracker last started listing no server
         self._n = 0
         self.ceiling_gbps = float("inf")   # set to the measured copy bandwidth
+        self.nvcc = False                  # builds also compile CUDA source with nvcc (see build)
+        self.source_sha: dict[str, str] = {}   # artifact path -> hash of its generated code
 
     @property
     def n_runners(self) -> int:
@@ -151,15 +182,22 @@ class Bench:
 
     def build_many(self, template_name: str, wl: dict, knob_list: list) -> list[tuple[str | None, str]]:
         """(artifact path or None, error) per candidate, built in parallel."""
+        return self.build_each([(template_name, wl, knobs) for knobs in knob_list])
+
+    def build_each(self, jobs: list[tuple[str, dict, dict | None]]) -> list[tuple[str | None, str]]:
+        """(artifact path or None, error) per (template name, workload, knobs) job, built in
+        parallel; the hash of each artifact's generated code is in self.source_sha[path]."""
         futures = []
-        for knobs in knob_list:
+        for template_name, wl, knobs in jobs:
             self._n += 1
             path = os.path.join(self.dir.name, f"c{self._n}.so")
-            futures.append(self.builders.submit(build, template_name, wl, knobs, self.target_json, path))
+            futures.append(self.builders.submit(build, template_name, wl, knobs, self.target_json, path,
+                                                self.nvcc))
         out = []
         for f in futures:
             try:
-                out.append((f.result(), ""))
+                path, self.source_sha[path] = f.result()
+                out.append((path, ""))
             except Exception as e:  # noqa: BLE001 - a failed build costs this trial only
                 out.append((None, f"build: {_one_line(e)}"))
         return out

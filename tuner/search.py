@@ -112,7 +112,8 @@ def _finished(study: optuna.Study) -> list[Trial]:
     for t in study.get_trials():
         if t.state == optuna.trial.TrialState.COMPLETE:
             a = t.user_attrs
-            out.append(Trial(dict(t.params), Measurement(t.value, a["spread_us"], a["runs"], a["rel_error"])))
+            out.append(Trial(dict(t.params), Measurement(t.value, a["spread_us"], a["runs"], a["rel_error"],
+                                                         source_sha=a.get("source_sha", ""))))
         elif t.state == optuna.trial.TrialState.FAIL and "error" in t.user_attrs:
             out.append(Trial(dict(t.params), Measurement(error=t.user_attrs["error"])))
     return out
@@ -159,9 +160,12 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
         measured = iter(bench.measure_many([(path, tpl.name, wl) for path in ok]))
         for i, (path, err) in zip(take, built):
             m = Measurement(error=err) if path is None else next(measured)
+            if path is not None:
+                m.source_sha = bench.source_sha.pop(path, "")
             t = asked[i]
             if m.ok:
-                for k, v in (("spread_us", m.spread_us), ("runs", m.runs), ("rel_error", m.rel_error)):
+                for k, v in (("spread_us", m.spread_us), ("runs", m.runs), ("rel_error", m.rel_error),
+                             ("source_sha", m.source_sha)):
                     t.set_user_attr(k, v)
                 study.tell(t, m.latency_us)
             else:

@@ -1,0 +1,117 @@
+"""A sharded model on N GPUs through TVM's disco runtime and our NCCL/RCCL backend.
+
+The controller starts one disco worker per shard (worker 0 a thread here, the others
+processes), builds and loads the CCL backend in each, joins them in one communicator, and
+has every worker load its shard (runtime/disco_worker.py). A step is one broadcast call:
+each worker replays its decode step (one CUDA graph, the all-reduces inside it), and the
+logits come back from worker 0. Generation and benchmarks are `Model`'s own."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+
+from ..errors import UserError
+from .engine import Model
+
+
+def disco():
+    """`tvm.runtime.disco`; `import tvm` leaves a stale placeholder for it that must go first."""
+    import tvm  # noqa: F401
+
+    mod = sys.modules.get("tvm.runtime.disco")
+    if mod is None or not hasattr(mod, "ProcessSession"):
+        sys.modules.pop("tvm.runtime.disco._ffi_api", None)
+        sys.modules.pop("tvm.runtime.disco", None)
+        mod = importlib.import_module("tvm.runtime.disco")
+    return mod
+
+
+def visible_gpus(device_type: str) -> int:
+    import tvm
+
+    make = tvm.cuda if device_type == "cuda" else tvm.rocm
+    n = 0
+    try:
+        while make(n).exist:
+            n += 1
+    except Exception:  # noqa: BLE001 - no driver
+        pass
+    return n
+
+
+def start_session(n: int, device_type: str = "cuda"):
+    """A disco session of `n` workers on GPUs 0..n-1, joined by our NCCL/RCCL backend."""
+    from . import disco_worker  # noqa: F401 - worker 0 is a thread here: register its functions
+    from .ccl import load_ccl
+
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")   # NVLink multicast is not lent (KINDS.md)
+    ccl = load_ccl(device_type)   # build once here, before the worker processes load it
+    sess = disco().ProcessSession(num_workers=n, entrypoint="shardtune.runtime.disco_worker")
+    sess.call_packed(sess.get_global_func("shardtune.shard.load_ccl"), device_type)
+    sess.init_ccl(ccl, *range(n))
+    return sess
+
+
+class ShardedModel(Model):
+    def __init__(self, path: str, seed: int = 0):
+        import tvm
+
+        self._setup(path)
+        self.shards = n = self.conf["shards"]
+        kind = self.conf["target"]["kind"]
+        if kind == "llvm":
+            raise UserError(f"{path} is sharded over {n} CPUs, but disco has no CPU collective backend: "
+                            "build sharded models for a GPU arch")
+        device_type = "cuda" if kind == "cuda" else "rocm"
+        have = visible_gpus(device_type)
+        if have < n:
+            raise UserError(f"{path} is sharded over {n} GPUs; {have} {device_type.upper()} GPU(s) visible here")
+        self.dev = tvm.cuda(0) if device_type == "cuda" else tvm.rocm(0)
+        self.sess = start_session(n, device_type)
+        self._call("shardtune.shard.open", str(self.path), seed)
+        self._step = self.sess.get_global_func("shardtune.shard.step")
+        self.logits = tvm.runtime.empty((1, self.cfg.vocab_size), "float32", tvm.cpu())
+
+    def _call(self, name: str, *args):
+        """Run a shardtune.shard.* function on every worker and wait; raise what any raised."""
+        out = self.sess.call_packed(self.sess.get_global_func(name), *args)
+        errors = self.sess.call_packed(self.sess.get_global_func("shardtune.shard.error"))
+        for w in range(self.shards):
+            msg = errors.debug_get_from_remote(w)
+            if msg:
+                raise UserError(f"GPU {w}: {msg}")
+        return out
+
+    def run_step(self, token: int, pos: int):
+        logits = self.sess.call_packed(self._step, token, pos)
+        self.sess.copy_from_worker_0(self.logits, logits)
+        self.sess.sync_worker_0()
+        return self.logits
+
+    def device_name(self) -> str:
+        return f"{self.shards} x {super().device_name()}"
+
+    def step_seconds(self, pos: int, steps: int = 64) -> float:
+        """Seconds per decode step measured on the GPUs alone, without the controller's round trip."""
+        return self._call("shardtune.shard.time_steps", pos, steps).debug_get_from_remote(0)
+
+    def close(self) -> None:
+        """Stop the workers. Only by dropping every handle: the session shuts its workers down
+        when the last goes, and a handle freed after an explicit shutdown aborts the process."""
+        if getattr(self, "sess", None) is not None:
+            import gc
+
+            self._call("shardtune.shard.reset")
+            self.sess = self._step = None
+            gc.collect()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutting down
+            pass
+
+
+
