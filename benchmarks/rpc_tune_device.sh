@@ -66,7 +66,9 @@ def listed():
         return 0
 
 while True:
-    server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+    # --no-fork: sessions are spawned, not forked. A forked session inherits the server's CUDA
+    # state and fails with cudaErrorInitializationError on the first GPU call.
+    server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--no-fork", "--host", "127.0.0.1",
                                "--port", "9300", "--port-end", "9400", "--tracker", f"127.0.0.1:{port}",
                                "--key", key], start_new_session=True)
     deadline = time.time() + 120

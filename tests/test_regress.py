@@ -78,7 +78,7 @@ def test_changed_template_hash_and_changed_code_are_reported(tmp_path):
     sha = build(a.template, a.workload, a.knobs, get_arch("sm_90").target, str(tmp_path / "a.so"))[1]
     rows = [dataclasses.replace(a, source_sha=sha),                      # same code as stored
             dataclasses.replace(b, source_sha="0" * 16),                 # stored code differs
-            dataclasses.replace(a, template_hash="0" * 16, shards=3)]    # another template version
+            dataclasses.replace(a, template_hash="0" * 16, shards=3, source_sha=None)]   # older template, no hash
     src = tmp_path / "x.jsonl"
     src.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in rows))
     rc = main(["regress", "--db", str(src), "--compile-only", "--json", str(tmp_path / "r.json")])

@@ -50,7 +50,8 @@ class Rpc:
         """Start `n` servers under `key` (at once: each takes seconds to import TVM) and
         wait until the tracker lists them."""
         ports = [free_port() for _ in range(n)]
-        ps = [self._start("server", "--port", str(port), "--port-end", str(port + 1),
+        # --no-fork, as a CUDA GPU's server needs (a forked session cannot initialise CUDA)
+        ps = [self._start("server", "--no-fork", "--port", str(port), "--port-end", str(port + 1),
                           "--tracker", self.addr, "--key", key) for port in ports]
         self._wait(lambda: self.count(key) == n)
         return ps

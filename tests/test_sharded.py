@@ -87,3 +87,56 @@ def test_gfx1100_two_shard_model_builds(tmp_path):
     assert conf["shards"] == 2 and conf["target"]["kind"] == "rocm"
     assert (path / "model.so").stat().st_size > 10_000
     assert conf["cache"]["shape"][0] == 2   # tiny's 4 KV heads, two per shard
+
+
+def test_eight_shards_split_llama2_70b_and_sixteen_do_not():
+    """Nothing assumes at most four GPUs: at 8 each shard has 8 query heads and 1 KV head."""
+    from shardtune.compiler.weights import param_specs
+    from shardtune.models import load_config
+    from shardtune.plan import decode_plan
+
+    cfg = load_config("llama2-70b")
+    spec = param_specs(cfg, "q4f16_1", 8)
+    assert spec["layers.0.qkv.qweight"][0] == ((8 + 2) * 128, 8192 // 8)
+    assert spec["layers.0.down.qweight"][0] == (8192, 28672 // 8 // 8)
+    attention = [c for c in decode_plan(cfg, "q4f16_1", 8) if c.site == "attention"][0]
+    assert (attention.workload["q_heads"], attention.workload["kv_heads"]) == (8, 1)
+    with pytest.raises(UserError, match=r"KV heads \(8\)"):
+        param_specs(cfg, "q4f16_1", 16)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4, 8])
+def test_allreduce_add_norm_arithmetic_on_cpu(shards):
+    """The fused all-reduce + residual + RMSNorm, peers' partials in their round-1 slot."""
+    import numpy as np
+    import tvm
+
+    from shardtune.kernels import get_template
+    from shardtune.tuner.targets import get_arch, target_of
+
+    tpl, cpu = get_template("allreduce_add_norm"), target_of(get_arch("cpu"))
+    wl = {"H": 512, "shards": shards, "batch": 1}
+    inputs = tpl.inputs(wl, np.random.default_rng(shards))
+    args = [tvm.runtime.tensor(a) for a in inputs]
+    tvm.compile(tpl.schedule(wl, tpl.default_knobs(wl, cpu), cpu), target=cpu)["main"](*args)
+    y_ref, h_ref = tpl.reference(inputs)
+    np.testing.assert_array_equal(args[-1].numpy(), h_ref)
+    np.testing.assert_allclose(args[-2].numpy().astype(np.float32), y_ref.astype(np.float32), atol=2e-3, rtol=2e-3)
+    assert args[3 + shards].numpy()[0] == 1                                      # round counter moved on
+    np.testing.assert_array_equal(args[3].numpy()[1], inputs[0][0])             # own partial in slot 1
+
+
+def test_allreduce_add_norm_cuda_has_the_flag_barrier_and_rocm_is_refused():
+    import tvm
+
+    from shardtune.kernels import get_template
+    from shardtune.tuner.targets import get_arch, target_of
+
+    tpl = get_template("allreduce_add_norm")
+    wl = {"H": 8192, "shards": 8, "batch": 1}
+    cuda = target_of(get_arch("sm_90"))
+    for threads in tpl.gpu_knobs["threads"]:
+        ex = tvm.compile(tpl.schedule(wl, {"threads": threads}, cuda), target=cuda)
+    src = ex.mod.imports[0].inspect_source()
+    assert src.count("atomicExch") == 7 and "__threadfence_system()" in src   # one flag per peer
+    assert "the flag barrier is CUDA-only" == tpl.check(wl, {"threads": 256}, target_of(get_arch("gfx1100")))

@@ -109,7 +109,7 @@ def connect(tracker: str, key: str, device_type: str, workers: int | None = None
         keys = sorted({s["key"].split(":", 1)[-1] for s in summary.get("server_info", [])})
         raise UserError(f"the RPC tracker at {tracker} has no server under key {key!r} "
                         f"(keys: {', '.join(keys) or 'none'}): start one with `python -m tvm.exec.rpc_server "
-                        f"--tracker {tracker} --key {key}` or fix --rpc-key")
+                        f"--no-fork --tracker {tracker} --key {key}` or fix --rpc-key")
     if workers is not None and workers < 1:
         raise UserError("--rpc-workers must be at least 1")
     return RemoteConfig(host, port, key, device_type, workers or max(1, free))

@@ -23,7 +23,8 @@ def _workloads(tpl):
     return [{"batch": b, "N": n, "K": k, "quant": "q4f16_1"} for b, n, k in shapes]
 
 
-PREFILL = ("embedding", "prefill_attention", "prefill_rope_kv_append")   # tests/gpu/test_prefill_kernels_gpu.py
+# tests/gpu/test_prefill_kernels_gpu.py, tests/gpu/test_sharded_gpu.py
+PREFILL = ("embedding", "prefill_attention", "prefill_rope_kv_append", "allreduce_add_norm")
 
 
 @pytest.mark.parametrize("name", sorted(n for n in all_templates() if n not in PREFILL))
