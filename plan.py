@@ -1,4 +1,5 @@
-"""Which kernel template serves each call site of a decode step, with its workload.
+"""Which kernel template serves each call site of a decode step (and of a prefill step), with
+its workload.
 
 The tuner tunes these workloads and the compiler asks the database for the same ones,
 so both import this module (and neither imports the other): the keys always agree."""
@@ -14,6 +15,8 @@ TEMPLATE_EPS = 1e-5          # the RMSNorm templates' epsilon (Llama-2, Llama-3,
 DEFAULT_CAPACITY = 4096      # KV-cache tokens, fixed at build time
 ATTENTION_LENGTHS = (128, 1024, 4096)   # context lengths attention is tuned at
 BUILD_LENGTH = 1024          # the one whose record a build uses: the compromise across lengths
+PREFILL_BUCKETS = (16, 64, 256)   # prompt lengths a build compiles a batched prefill step for
+MAX_PREFILL = 512            # the embedding template's (and the prefill kernels') intended range
 
 
 def kv_capacity(cfg: LlamaConfig, capacity: int = DEFAULT_CAPACITY) -> int:
@@ -92,6 +95,42 @@ def decode_plan(cfg: LlamaConfig, quant: str, shards: int, batch: int = 1,
             calls.append(KernelCall("norm", "rms_norm", norm, 1))
             calls.append(KernelCall("add_norm", "add_rms_norm", norm, 2 * L))
     return calls + attention     # the GEMVs first: most of a step's time, so tuned first
+
+
+def prefill_buckets(capacity: int, buckets=PREFILL_BUCKETS) -> list[int]:
+    """The prefill steps a build compiles: each bucket at most the KV capacity (a longer step could
+    only write past it), distinct, ascending. A prompt is padded up to the next bucket; one longer
+    than the largest goes in chunks of the largest."""
+    buckets = [int(b) for b in buckets]
+    if any(not 1 <= b <= MAX_PREFILL for b in buckets):
+        raise UserError(f"prefill buckets must lie in 1..{MAX_PREFILL}, got {buckets}")
+    return sorted({min(b, capacity) for b in buckets})
+
+
+def prefill_plan(cfg: LlamaConfig, quant: str, shards: int, n: int,
+                 capacity: int = DEFAULT_CAPACITY) -> list[KernelCall]:
+    """The template call sites of one prefill step of `n` tokens (per_token: calls per step).
+
+    The embedding lookup (fp16 table: q0f16 and q4f16_1 alike), RoPE + KV append and causal
+    attention are templates; the logits are taken for one token only, by decode's lm_head GEMV.
+    The linear layers are TVM's own matmul (q4f16_1 weights dequantised to fp16 first): the
+    GEMV templates serve batch 1..4, and a prompt is compute-bound and one call. Norms are TVM's
+    rms_norm. q0f32 keeps only the attention templates, as decode_plan does."""
+    check_quant(quant)
+    check_shards(cfg, shards)
+    if not 1 <= n <= MAX_PREFILL:
+        raise UserError(f"a prefill step takes 1..{MAX_PREFILL} tokens, got {n}")
+    h, L = cfg.hidden_size, cfg.num_hidden_layers
+    dtype = "float32" if quant == "q0f32" else "float16"
+    heads = {"n": n, "q_heads": cfg.num_attention_heads // shards, "kv_heads": cfg.num_key_value_heads // shards,
+             "head_dim": cfg.head_dim, "capacity": capacity, "dtype": dtype}
+    calls = [KernelCall("rope", "prefill_rope_kv_append", {**heads, "theta": float(cfg.rope_theta)}, L),
+             KernelCall("attention", "prefill_attention", heads, L)]
+    if quant == "q0f32":
+        return calls
+    embedding = KernelCall("embedding", "embedding", {"n": n, "vocab": cfg.vocab_size, "H": h, "quant": "q0f16"}, 1)
+    lm_head = plan_by_site(decode_plan(cfg, quant, shards, capacity=capacity))["lm_head"]
+    return [embedding, *calls, lm_head]
 
 
 def plan_by_site(calls: list[KernelCall]) -> dict[str, KernelCall]:

@@ -3,8 +3,10 @@ with every template kernel scheduled by the tuning database's best record for
 (arch, shards), into a folder the runtime loads without the checkpoint.
 
 model dir/
-  config.json        the model, quantization, arch, shards, parameters, and where each kernel came from
-  model.so           the compiled decode step (+ the fill functions that make random weights)
+  config.json        the model, quantization, arch, shards, parameters, prefill buckets, and where
+                     each kernel came from
+  model.so           the compiled decode step, a batched prefill step per bucket (prefill_<n>),
+                     and the fill functions that make random weights
   params/shard-K.safetensors   one file per shard, unless the weights are random
   tokenizer.json     copied from the checkpoint, when it has one
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..models import load_config
-from ..plan import DEFAULT_CAPACITY, check_quant
+from ..plan import DEFAULT_CAPACITY, PREFILL_BUCKETS, check_quant, prefill_buckets
 from .model import KERNEL_ATTR, Llama
 from .random_fill import add_fill_functions
 
@@ -100,10 +102,13 @@ def _open_db(db_path: str | None, arch: str, shards: int, log):
 
 def build(out_dir: str, model: str | None = None, weights: str | None = None, random_weights: bool = False,
           quant: str = "q4f16_1", arch: str = "cpu", shards: int = 1, db: str | None = None,
-          capacity: int = DEFAULT_CAPACITY, log=sys.stderr) -> dict:
+          capacity: int = DEFAULT_CAPACITY, prefill=PREFILL_BUCKETS, log=sys.stderr) -> dict:
     """Build a model folder; returns its config. `weights` is a Hugging Face checkpoint folder;
-    `model` with `random_weights` builds random weights of that model's real shapes."""
+    `model` with `random_weights` builds random weights of that model's real shapes. `prefill`:
+    the prompt lengths to compile a batched prefill step for (each capped at the capacity; empty:
+    none, the prompt goes token by token through the decode step)."""
     import tvm
+    from tvm import relax
 
     from ..tuner.targets import get_arch, target_of
     from . import weights as W
@@ -127,7 +132,8 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     out = Path(out_dir)
     start = time.monotonic()
 
-    llama = Llama(cfg, quant, shards, capacity)
+    buckets = prefill_buckets(capacity, prefill)
+    llama = Llama(cfg, quant, shards, capacity, prefill=buckets)
     mod, named = llama.export()
     order = [name for name, _ in named]
     if set(order) != set(spec):
@@ -139,9 +145,13 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
         if store is not None:
             store.close()
     add_fill_functions(mod, target)
+    # matmul(x, W^T) as one NT matmul kernel (prefill, and q0f32's decode), not a transpose of W first
+    mod = relax.transform.FuseTransposeMatmul()(mod)
     config = {"use_cuda_graph": a.vendor == "nvidia"}
     with target, tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": config["use_cuda_graph"]}):
         ex = tvm.compile(mod, target=target)
+    if config["use_cuda_graph"]:   # how many graphs each step runs: decode and each prefill_<n> one
+        config["cuda_graphs"] = cuda_graphs(ex.as_text(), ["decode", *(f"prefill_{n}" for n in buckets)])
 
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
@@ -155,7 +165,7 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
                 shutil.copy(Path(weights) / name, tmp / name)
     conf = {
         "format": FORMAT, "model": cfg.to_dict(), "quant": quant, "arch": a.name, "target": a.target,
-        "shards": shards, "capacity": capacity, "random_weights": weights is None,
+        "shards": shards, "capacity": capacity, "prefill_buckets": buckets, "random_weights": weights is None,
         "params": [[name, list(spec[name][0]), spec[name][1]] for name in order],
         "cache": {"shape": list(llama.cache_shape()), "dtype": "float32" if quant == "q0f32" else "float16",
                   "count": 2 * cfg.num_hidden_layers},
@@ -171,6 +181,18 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     tmp.rename(out)
     _print_kernel_report(kernels, db_path, log)
     return conf
+
+
+def cuda_graphs(vm_text: str, functions: list[str]) -> dict[str, int]:
+    """function -> the CUDA graphs it launches (vm.builtin.cuda_graph.run_or_capture calls), read
+    from the VM executable's text (`@name:` starts a function's instructions)."""
+    counts, current = {name: 0 for name in functions}, None
+    for line in vm_text.splitlines():
+        if line.startswith("@"):
+            current = line[1:-1] if line.endswith(":") else None
+        elif current in counts and "vm.builtin.cuda_graph.run_or_capture" in line:
+            counts[current] += 1
+    return counts
 
 
 def _eos(weights: str | None):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..plan import DEFAULT_CAPACITY, QUANTS
+from ..plan import DEFAULT_CAPACITY, PREFILL_BUCKETS, QUANTS
 
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,6 +18,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", help="tuning database (default ~/.cache/shardtune/tuning.db or $SHARDTUNE_DB)")
     p.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY,
                    help=f"KV-cache tokens (default {DEFAULT_CAPACITY}, at most the model's context)")
+    p.add_argument("--prefill-buckets", default=",".join(map(str, PREFILL_BUCKETS)), metavar="N,N,...",
+                   help="prompt lengths to compile a batched prefill step for, each at most the capacity "
+                        f"(default {','.join(map(str, PREFILL_BUCKETS))}; 'none': the prompt goes token by token)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="model folder to write")
     p.set_defaults(func=run)
 
@@ -30,8 +33,14 @@ def run(args) -> int:
         raise UserError("--model builds random weights: add --random-weights, or pass --weights HF_DIR")
     if args.weights and args.random_weights:
         raise UserError("--random-weights goes with --model, not --weights")
+    try:
+        buckets = () if args.prefill_buckets.strip().lower() == "none" else \
+            tuple(int(b) for b in args.prefill_buckets.split(","))
+    except ValueError:
+        raise UserError(f"--prefill-buckets: comma-separated token counts or 'none', got {args.prefill_buckets!r}") from None
     conf = build(args.output, model=args.model, weights=args.weights, random_weights=args.random_weights,
-                 quant=args.quant, arch=args.arch, shards=args.shards, db=args.db, capacity=args.capacity)
+                 quant=args.quant, arch=args.arch, shards=args.shards, db=args.db, capacity=args.capacity,
+                 prefill=buckets)
     print(f"built {conf['model']['name']} {conf['quant']} for {conf['arch']} x{conf['shards']} "
           f"in {conf['built_with']['seconds']} s: {args.output}")
     return 0

@@ -6,7 +6,11 @@ the schedule the tuning database holds for it. What the plan leaves out (everyth
 q0f32, the embedding lookup, casts) is TVM's own operators.
 
 One decode step reads the token and its position from device buffers and updates the KV
-cache in place: every shape is static, so a CUDA graph can capture the whole step."""
+cache in place: every shape is static, so a CUDA graph can capture the whole step.
+
+Beside it, a batched prefill step per prompt-length bucket (`prefill_<n>`, `shardtune.plan.
+prefill_plan`): n tokens at once through the prefill templates and TVM's matmul, outside CUDA
+graphs (one call per prompt)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +20,8 @@ from tvm.relax.frontend.nn import op, spec
 
 from ..kernels import get_template
 from ..models import LlamaConfig
-from ..plan import KernelCall, decode_plan, plan_by_site, residual_in_gemv
+from ..plan import KernelCall, decode_plan, plan_by_site, prefill_plan, residual_in_gemv
+from .dequantize import dequantize_q4
 
 KERNEL_ATTR = "shardtune.kernel"   # JSON {"template", "workload", "site"} on each template PrimFunc
 
@@ -31,7 +36,7 @@ def template_op(call: KernelCall, args: list, inplace: list[int] | None = None):
     kernel updates, returned first. One tensor back, or a list when there are several."""
     func = get_template(call.template).compute(call.workload)
     tag = json.dumps({"template": call.template, "workload": call.workload, "site": call.site}, sort_keys=True)
-    name = f"{call.template}_{call.site}"
+    name = f"{call.template}_{call.site}" + (f"_n{call.workload['n']}" if "n" in call.workload else "")
     # kOpaque (8): Relax's FuseOps must not merge a template into its neighbours, or the
     # database's schedule would no longer fit it. A unique symbol per call site.
     func = func.with_attr(KERNEL_ATTR, tag).with_attr("op_pattern", 8).with_attr("global_symbol", name)
@@ -62,6 +67,17 @@ class Linear(nn.Module):
             return op.matmul(x, op.permute_dims(self.weight))
         return template_op(call, [x, *self.weights(), *extra])
 
+    def matmul(self, x):
+        """Prefill: x [n, k] -> [n, self.n] by TVM's matmul, fp32 accumulation (q4f16_1 weights
+        dequantised to fp16 first). The build fuses the transpose into the matmul."""
+        if self.quant == "q0f32":
+            return op.matmul(x, op.permute_dims(self.weight))
+        w = self.weight if self.quant != "q4f16_1" else op.tensor_ir_op(
+            dequantize_q4(self.n, self.k).with_attr("global_symbol", f"dequantize_q4_{self.n}x{self.k}"),
+            f"dequantize_q4_{self.n}x{self.k}", [self.qweight, self.qscale],
+            nn.Tensor.placeholder([self.n, self.k], "float16"))
+        return op.astype(op.matmul(x, op.permute_dims(w), out_dtype="float32"), "float16")
+
 
 class Weight(nn.Module):
     """A module holding one tensor, so its parameter is named `<attribute>.weight`."""
@@ -86,9 +102,12 @@ class Layer(nn.Module):
 class Llama(nn.Module):
     """One shard's decode step: decode(token [1], pos [1], caches) -> (logits [1, V] fp32, caches)."""
 
-    def __init__(self, cfg: LlamaConfig, quant: str, shards: int = 1, capacity: int = 4096):
+    def __init__(self, cfg: LlamaConfig, quant: str, shards: int = 1, capacity: int = 4096,
+                 prefill: tuple = ()):
         self.cfg, self.quant, self.shards, self.capacity = cfg, quant, shards, capacity
         self.plan = plan_by_site(decode_plan(cfg, quant, shards, capacity=capacity))
+        self.prefill_buckets = tuple(prefill)     # a prefill_<n> step for each
+        self.prefill_plans = {n: plan_by_site(prefill_plan(cfg, quant, shards, n, capacity)) for n in prefill}
         dt = act_dtype(quant)
         self.embed = Weight((cfg.vocab_size, cfg.hidden_size), dt)
         self.layers = nn.ModuleList([Layer(cfg, quant, shards) for _ in range(cfg.num_hidden_layers)])
@@ -148,6 +167,56 @@ class Llama(nn.Module):
         logits = self.lm_head(y, self.plan.get("lm_head"))
         return op.astype(logits, "float32"), tuple(new_caches)
 
+    def prefill(self, tokens, pos, last, caches):
+        """prefill_<n>(tokens [n], pos [1], last [1], caches) -> (logits [1, V] fp32, caches): token t
+        at position pos[0] + t, its K/V rows into the caches (in place), the logits of token last[0]
+        only. Tokens after `last` are padding: their cache rows (below the capacity) hold garbage
+        that decode overwrites, in order, before any step reads them; causal attention keeps the
+        real tokens from reading them."""
+        plan = self.prefill_plans[int(tokens.shape[0])]
+        eps = self.cfg.rms_norm_eps
+
+        def reduce(partial):   # row-parallel layers leave partial sums on each shard
+            return op.ccl_allreduce(partial, "sum") if self.shards > 1 else partial
+
+        if "embedding" in plan:
+            h = template_op(plan["embedding"], [tokens, self.embed.weight])      # [n, H]
+        else:
+            h = op.take(self.embed.weight, tokens, axis=0)
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            y = op.rms_norm(h, layer.input_norm.weight, axes=[-1], epsilon=eps)
+            k_cache, v_cache, q = template_op(plan["rope"], [layer.qkv.matmul(y), pos, caches[2 * i],
+                                                             caches[2 * i + 1]], inplace=[2, 3])
+            new_caches += [k_cache, v_cache]
+            a = template_op(plan["attention"], [q, k_cache, v_cache, pos])
+            h = h + reduce(layer.o.matmul(a))
+            y = op.rms_norm(h, layer.post_norm.weight, axes=[-1], epsilon=eps)
+            gate, up = op.split(layer.gate_up.matmul(y), 2, axis=-1)
+            h = h + reduce(layer.down.matmul(op.silu(gate) * up))
+        y = op.rms_norm(op.take(h, last, axis=0), self.norm.weight, axes=[-1], epsilon=eps)   # [1, H]
+        logits = self.lm_head(y, plan.get("lm_head"))
+        return op.astype(logits, "float32"), tuple(new_caches)
+
+    def __getattr__(self, name: str):
+        """prefill_<n>: the method export_tvm traces for bucket n."""
+        if name.startswith("prefill_") and name[8:].isdigit():
+            return self.prefill
+        raise AttributeError(name)
+
+    def prefill_specs(self, caches: list) -> dict:
+        return {f"prefill_{n}": {"tokens": spec.Tensor([n], "int32"), "pos": spec.Tensor([1], "int32"),
+                                 "last": spec.Tensor([1], "int32"), "caches": caches}
+                for n in self.prefill_buckets}
+
+    def prefill_in_one_graph(self, mod) -> None:
+        """As decode: the runtime passes each bucket's very same token, position, index and cache
+        tensors on every call, so each prefill_<n> is one CUDA graph too. (With weights alone
+        fixed, Relax's rewrite would still capture the runs of kernels between those reading the
+        inputs, in graphs of their own: static scratch counts as fixed.)"""
+        for name in self.prefill_specs([]):
+            mod[name] = mod[name].with_attr("num_input", 0)
+
     def cache_shape(self) -> tuple:
         return (self.cfg.num_key_value_heads // self.shards, self.capacity, self.cfg.head_dim)
 
@@ -157,10 +226,11 @@ class Llama(nn.Module):
         caches = [spec.Tensor(list(self.cache_shape()), dt) for _ in range(2 * self.cfg.num_hidden_layers)]
         mod, params = self.export_tvm(spec={"decode": {
             "token": spec.Tensor([1], "int32"), "pos": spec.Tensor([1], "int32"),
-            "caches": caches}})
+            "caches": caches}, **self.prefill_specs(caches)})
         # Relax's CUDA-graph rewrite captures only what depends on arguments past `num_input`
         # (the weights). The runtime passes the very same token, position and cache tensors on
         # every step, so they are as fixed as the weights: count them in, and one graph holds
         # the whole step instead of pieces between the attention kernels.
         mod["decode"] = mod["decode"].with_attr("num_input", 0)
+        self.prefill_in_one_graph(mod)
         return mod, params

@@ -85,7 +85,7 @@ def _bench_one(path: str, args) -> dict:
     print(f"{result['model']} {result['quant']} x{result['shards']} on {result['device']}: "
           f"{result['decode_tok_s']:.1f} tok/s decode ({result['roofline_fraction']:.0%} of the roofline at "
           f"{result['copy_gbps']:.0f} GB/s), prefill {result['prompt_len']} "
-          f"tokens in {result['prefill_ms']:.1f} ms, {result['gpu_memory_bytes'] / 2**30:.2f} GiB", flush=True)
+          f"tokens in {result['prefill_ms']:.1f} ms ({result.get('prefill', 'token by token')}), {result['gpu_memory_bytes'] / 2**30:.2f} GiB", flush=True)
     return result
 
 

@@ -2,7 +2,9 @@
 
 The decode step takes the token and position from device buffers and updates the KV
 cache in place, so every step calls the VM with the very same tensors: what a CUDA
-graph replays. The prompt is fed through the same step, one token at a time."""
+graph replays. The prompt goes through a batched prefill step where the build has them
+(`prefill_<n>` for each bucket n in config.json's "prefill_buckets"), else through the decode
+step one token at a time (builds made before prefill existed)."""
 from __future__ import annotations
 
 import json
@@ -50,6 +52,11 @@ class Model:
     """One shard of a model on one device. `load()` gives this for a one-GPU build; a
     sharded build's disco workers each hold one (runtime/disco_worker.py)."""
 
+    #: prompt lengths the build has a prefill step for; () feeds prompts through decode, token by
+    #: token. A subclass that does not run Model.__init__ (ShardedModel) keeps () until it sets
+    #: its own and overrides run_prefill.
+    prefill_buckets: tuple = ()
+
     def __init__(self, path: str, seed: int = 0, shard: int = 0, device_id: int = 0):
         import tvm
         from tvm import relax
@@ -65,6 +72,8 @@ class Model:
                        for _ in range(cache["count"])]
         self.token = tvm.runtime.empty((1,), "int32", self.dev)
         self.pos = tvm.runtime.empty((1,), "int32", self.dev)
+        self.prefill_buckets = tuple(self.conf.get("prefill_buckets", ()))
+        self._prefill_args: dict[int, tuple] = {}   # bucket -> (tokens, pos, last) on the device
 
     def _setup(self, path: str) -> None:
         """What the controller needs besides the device: config, tokenizer."""
@@ -130,6 +139,45 @@ class Model:
         logits, _ = self.vm["decode"](self.token, self.pos, self.caches, *self.params)
         return logits
 
+    def run_prefill(self, tokens, pos: int):
+        """One batched prefill call: `tokens` (a sequence of ints, 1 .. max(prefill_buckets) of
+        them) at positions pos .. pos + len - 1, their K/V rows into the caches; the logits [1, V]
+        float32 of the last one, on the device. The tokens are padded with id 0 up to the next
+        bucket: the padding writes cache rows pos + len .. pos + bucket - 1 (those below the
+        capacity), which the steps that follow overwrite before reading. The caller checks that
+        pos + len <= capacity."""
+        tokens = np.asarray([int(t) for t in tokens], np.int32)
+        n = len(tokens)
+        bucket = next((b for b in self.prefill_buckets if b >= n), None)
+        if n == 0 or bucket is None:
+            raise UserError(f"a prefill call takes 1..{max(self.prefill_buckets, default=0)} tokens, got {n}")
+        if bucket not in self._prefill_args:
+            import tvm
+
+            self._prefill_args[bucket] = (tvm.runtime.empty((bucket,), "int32", self.dev),
+                                          tvm.runtime.empty((1,), "int32", self.dev),
+                                          tvm.runtime.empty((1,), "int32", self.dev))
+        ids, first, last = self._prefill_args[bucket]
+        ids.copyfrom(np.pad(tokens, (0, bucket - n)))
+        first.copyfrom(np.array([pos], np.int32))
+        last.copyfrom(np.array([n - 1], np.int32))
+        logits, _ = self.vm[f"prefill_{bucket}"](ids, first, last, self.caches, *self.params)
+        return logits
+
+    def prefill(self, ids: list[int], pos: int = 0) -> np.ndarray:
+        """Feed `ids` at positions pos, pos + 1, ...; the logits [V] for the token after them.
+        Batched (chunks of the largest bucket, the rest padded to the next bucket) where the
+        build has prefill steps, else token by token through the decode step."""
+        self._check_pos(pos + len(ids) - 1)
+        if not self.prefill_buckets:
+            for i, t in enumerate(ids):
+                logits = self.step(t, pos + i)
+            return logits
+        chunk = max(self.prefill_buckets)
+        for i in range(0, len(ids), chunk):
+            logits = self.run_prefill(ids[i:i + chunk], pos + i)
+        return logits.numpy()[0]
+
     def device_name(self) -> str:
         return _device_name(self.dev)
 
@@ -162,8 +210,7 @@ class Model:
             raise UserError(f"prompt ({len(ids)}) + new tokens ({max_new_tokens}) exceed the KV cache ({self.capacity})")
         rng = np.random.default_rng(seed)
         eos = self.conf.get("eos_token_id")
-        for pos, t in enumerate(ids):
-            logits = self.step(t, pos)
+        logits = self.prefill(ids)
         out, all_logits = [], []
         pos = len(ids)
         for _ in range(max_new_tokens):
@@ -194,8 +241,7 @@ class Model:
         prefill, decode = [], []
         for _ in range(repeat):
             t0 = time.perf_counter()
-            for pos, t in enumerate(prompt):
-                logits = self.step(t, pos)
+            logits = self.prefill(prompt)
             t1 = time.perf_counter()
             tok, pos = int(np.argmax(logits)), prompt_len
             for _ in range(gen_len):
@@ -213,7 +259,9 @@ class Model:
             "model": self.cfg.name, "quant": self.conf["quant"], "shards": self.conf["shards"],
             "arch": self.conf["arch"], "device": self.device_name(), "prompt_len": prompt_len,
             "gen_len": gen_len, "repeat": repeat, "decode_tok_s": tok_s, "decode_tok_s_runs": decode,
-            "prefill_ms": float(np.median(prefill)) * 1e3, "prefill": "token by token through the decode step",
+            "prefill_ms": float(np.median(prefill)) * 1e3,
+            "prefill": "batched" if self.prefill_buckets else "token by token through the decode step",
+            "prefill_buckets": list(self.prefill_buckets),
             "weight_bytes_per_token": weight_bytes, "copy_gbps": copy_gbps,
             "roofline_fraction": weight_bytes * tok_s / (copy_gbps * 1e9),
             "gpu_memory_bytes": _memory_used(self),

@@ -1,6 +1,7 @@
 """The model compiler and runtime on the CPU, against a real (tiny) Hugging Face Llama:
 q0f32 greedy ids and logits against transformers, q4f16_1 against transformers run on
-the dequantized weights, and the build/generate/bench commands with their bad inputs."""
+the dequantized weights, batched prefill against token-by-token decode, and the
+build/generate/bench commands with their bad inputs."""
 from __future__ import annotations
 
 import json
@@ -9,15 +10,19 @@ import sys
 
 import numpy as np
 import pytest
+import tvm
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from shardtune import build, load  # noqa: E402
+from shardtune.errors import UserError  # noqa: E402
 from shardtune.compiler.weights import quantize_q4  # noqa: E402
 from shardtune.kernels.q4_gemv import dequantize  # noqa: E402
 
-PROMPT = [1, 5, 17, 42, 7]
+PROMPT = [1, 5, 17, 42, 7]            # 5 tokens: padded to the prefill bucket 8
+LONG = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]   # 13 > 8: a chunk of 8, then 5 padded to 8
+BUCKETS = (4, 8)                      # the CPU models' prefill steps (small: prompts past the largest fit)
 WORDS = [f"w{i}" for i in range(100)]
 
 
@@ -67,7 +72,7 @@ def built(hf_dir, tmp_path_factory):
     out = {}
     for quant in ("q0f32", "q4f16_1", "q0f16"):
         path = tmp_path_factory.mktemp("models") / quant
-        build(str(path), weights=str(hf_dir), quant=quant, arch="cpu", capacity=64, db=None)
+        build(str(path), weights=str(hf_dir), quant=quant, arch="cpu", capacity=64, db=None, prefill=BUCKETS)
         out[quant] = path
     return out
 
@@ -134,6 +139,7 @@ def test_cli_generate_and_bench(built, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert res["decode_tok_s"] > 0 and len(res["decode_tok_s_runs"]) == 2 and res["copy_gbps"] > 0
+    assert res["prefill"] == "batched" and res["prefill_buckets"] == list(BUCKETS) and res["prefill_ms"] > 0
     assert 0 < res["roofline_fraction"] and res["weight_bytes_per_token"] > 0
 
 
@@ -154,6 +160,9 @@ def test_cuda_and_rocm_builds_without_a_gpu(tmp_path):
     assert r.returncode == 0, r.stderr
     conf = json.loads((out / "config.json").read_text())
     assert conf["use_cuda_graph"] and {k["source"] for k in conf["kernels"]} <= {"dlight", "default knobs", "database"}
+    # the default buckets (16, 64, 256), capped at the capacity; decode and each prefill one CUDA graph
+    assert conf["prefill_buckets"] == [16, 32]
+    assert conf["cuda_graphs"] == {"decode": 1, "prefill_16": 1, "prefill_32": 1}
     r = shardtune("generate", out, "--prompt-ids", "1,2")
     if r.returncode != 0:    # no GPU here: one clear line
         assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and r.stderr.count("\n") == 1
@@ -194,3 +203,90 @@ def test_wrong_checkpoint_and_existing_folder(hf_dir, built, tmp_path):
     # prompt text needs a tokenizer
     r = shardtune("generate", built["q0f32"], "--prompt-ids", "1,500")
     assert r.returncode == 2 and "outside the vocabulary" in r.stderr
+
+
+# --- batched prefill ------------------------------------------------------------------------
+
+def _token_by_token(model, prompt, follow):
+    """The logits after the prompt fed one token at a time through decode, then after each of
+    `follow` (decode steps at the next positions)."""
+    out = [[model.step(t, i) for i, t in enumerate(prompt)][-1]]
+    return out + [model.step(t, len(prompt) + i) for i, t in enumerate(follow)]
+
+
+@pytest.mark.parametrize("quant, tol", [("q0f32", 1e-5), ("q0f16", 5e-3), ("q4f16_1", 5e-3)])
+def test_prefill_then_decode_matches_token_by_token(built, quant, tol):
+    """A prompt shorter than a bucket (padded) and one longer than the largest (chunked): the
+    logits after the prompt and after three decode steps that follow it (which overwrite the
+    padding's cache rows before reading them) agree with feeding the prompt through decode."""
+    m = load(str(built[quant]))
+    assert m.prefill_buckets == BUCKETS
+    follow = [11, 2, 60]
+    for prompt in (PROMPT, LONG):
+        ref = _token_by_token(m, prompt, follow)
+        got = [m.prefill(prompt)] + [m.step(t, len(prompt) + i) for i, t in enumerate(follow)]
+        scale = np.abs(ref[0]).max()
+        for i, (a, b) in enumerate(zip(got, ref)):
+            assert np.abs(a - b).max() < tol * scale, (quant, len(prompt), i, np.abs(a - b).max() / scale)
+    # a chunk that starts mid-cache (pos > 0), as generation after a long prompt does
+    logits = m.run_prefill(LONG[8:], 8).numpy()
+    assert logits.shape == (1, 100) and np.abs(logits[0] - ref[0]).max() < tol * scale
+    with pytest.raises(UserError, match="1..8 tokens"):
+        m.run_prefill(LONG[:9], 0)
+
+
+def test_prefill_q0f32_matches_transformers(hf_dir, built):
+    """The chunked prompt's logits against transformers' forward pass over the whole prompt."""
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([LONG])).logits[0, -1].float().numpy()
+    logits = load(str(built["q0f32"])).prefill(LONG)
+    assert np.abs(logits - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_build_without_prefill_steps_runs_token_by_token(built, tmp_path):
+    """A model folder from before prefill (no "prefill_buckets" in its config) generates as before."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(built["q0f32"], old)
+    conf = json.loads((old / "config.json").read_text())
+    del conf["prefill_buckets"]
+    (old / "config.json").write_text(json.dumps(conf))
+    m = load(str(old))
+    assert m.prefill_buckets == ()
+    assert m.generate(LONG, max_new_tokens=4) == load(str(built["q0f32"])).generate(LONG, max_new_tokens=4)
+    assert m.bench(prompt_len=3, gen_len=2, repeat=1)["prefill"] == "token by token through the decode step"
+
+
+def test_prefill_kernels_compile_for_sm90_inside_the_model(tmp_path, monkeypatch):
+    """A GPU build without a GPU: the prefill steps' kernels (templates, dequantisation, matmuls) in
+    the model's CUDA C, built by nvcc for sm_90 where it is installed; a 2-shard build lowers the
+    prefill all-reduces; decode and each prefill step stay one CUDA graph."""
+    import re
+    import shutil
+
+    from shardtune.tuner.targets import get_arch, target_of
+
+    built_ex = []
+    compile_ = tvm.compile
+    monkeypatch.setattr(tvm, "compile", lambda *a, **k: built_ex.append(compile_(*a, **k)) or built_ex[-1])
+    conf = build(str(tmp_path / "q4"), model="tiny", random_weights=True, quant="q4f16_1", arch="sm_90",
+                 capacity=64, db=None, prefill=(8, 64))
+    assert conf["prefill_buckets"] == [8, 64]
+    assert conf["cuda_graphs"] == {"decode": 1, "prefill_8": 1, "prefill_64": 1}
+    src = built_ex[-1].mod.imports[0].imports[0].inspect_source()
+    kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", src))
+    for n in (8, 64):
+        assert {f"embedding_embedding_n{n}_kernel", f"prefill_rope_kv_append_rope_n{n}_kernel",
+                f"prefill_attention_attention_n{n}_kernel"} <= kernels, sorted(kernels)
+    assert any(k.startswith("dequantize_q4_") for k in kernels) and any("NT_matmul" in k for k in kernels)
+    if shutil.which("nvcc"):
+        with target_of(get_arch("sm_90")):
+            assert len(tvm.support.nvcc.compile_cuda(src, target_format="cubin", compiler="nvcc")) > 10_000
+    conf = build(str(tmp_path / "tp2"), model="tiny", random_weights=True, quant="q0f16", arch="sm_90", shards=2,
+                 capacity=64, db=None, prefill=(16,))
+    assert conf["cuda_graphs"] == {"decode": 1, "prefill_16": 1}
+    # the row-parallel o and down layers' partial sums: one all-reduce each per layer, in the graph
+    graph = built_ex[-1].as_text().split("@prefill_16_cuda_graph_capture:\n")[1].split("\n@")[0]
+    assert graph.count("call  runtime.disco.allreduce") == 2 * 2
