@@ -56,7 +56,8 @@ def residual_in_gemv(quant: str, shards: int) -> bool:
 
 
 def decode_plan(cfg: LlamaConfig, quant: str, shards: int, batch: int = 1,
-                capacity: int = DEFAULT_CAPACITY, attention_length: int | None = None) -> list[KernelCall]:
+                capacity: int = DEFAULT_CAPACITY, attention_length: int | None = None,
+                allreduce: str = "nccl") -> list[KernelCall]:
     """The template call sites of one decode step. q0f32 (exact CPU checks) uses only the
     attention templates; its GEMVs and norms are TVM's own operators."""
     check_quant(quant)
@@ -91,6 +92,9 @@ def decode_plan(cfg: LlamaConfig, quant: str, shards: int, batch: int = 1,
         norm = {"batch": batch, "H": h}
         if fused:
             calls.append(KernelCall("norm", "rms_norm", norm, 2 * L + 1))
+        elif allreduce == "fused" and shards > 1 and batch == 1:   # all-reduce, add and norm: one kernel
+            calls.append(KernelCall("norm", "rms_norm", norm, 1))
+            calls.append(KernelCall("allreduce_norm", "allreduce_add_norm", {**norm, "shards": shards}, 2 * L))
         else:
             calls.append(KernelCall("norm", "rms_norm", norm, 1))
             calls.append(KernelCall("add_norm", "add_rms_norm", norm, 2 * L))

@@ -102,7 +102,8 @@ def _open_db(db_path: str | None, arch: str, shards: int, log):
 
 def build(out_dir: str, model: str | None = None, weights: str | None = None, random_weights: bool = False,
           quant: str = "q4f16_1", arch: str = "cpu", shards: int = 1, db: str | None = None,
-          capacity: int = DEFAULT_CAPACITY, prefill=PREFILL_BUCKETS, log=sys.stderr) -> dict:
+          capacity: int = DEFAULT_CAPACITY, prefill=PREFILL_BUCKETS, allreduce: str = "nccl",
+          log=sys.stderr) -> dict:
     """Build a model folder; returns its config. `weights` is a Hugging Face checkpoint folder;
     `model` with `random_weights` builds random weights of that model's real shapes. `prefill`:
     the prompt lengths to compile a batched prefill step for (each capped at the capacity; empty:
@@ -123,6 +124,10 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
             raise UserError("--random-weights needs --model NAME (or a config.json path)")
         cfg = load_config(model)
     a = get_arch(arch)
+    if allreduce not in ("nccl", "fused"):
+        raise UserError(f"--allreduce is nccl or fused, got {allreduce!r}")
+    if allreduce == "fused" and (shards == 1 or a.vendor != "nvidia"):
+        raise UserError("--allreduce fused needs --shards 2 or more on an NVIDIA arch (its barrier is CUDA atomics)")
     if quant == "q0f32" and a.vendor != "cpu":
         raise UserError("q0f32 is for exact checks on CPUs: use q0f16 or q4f16_1 on GPUs")
     if capacity > cfg.max_position_embeddings:
@@ -133,7 +138,7 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     start = time.monotonic()
 
     buckets = prefill_buckets(capacity, prefill)
-    llama = Llama(cfg, quant, shards, capacity, prefill=buckets)
+    llama = Llama(cfg, quant, shards, capacity, prefill=buckets, allreduce=allreduce)
     mod, named = llama.export()
     order = [name for name, _ in named]
     if set(order) != set(spec):
@@ -165,7 +170,8 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
                 shutil.copy(Path(weights) / name, tmp / name)
     conf = {
         "format": FORMAT, "model": cfg.to_dict(), "quant": quant, "arch": a.name, "target": a.target,
-        "shards": shards, "capacity": capacity, "prefill_buckets": buckets, "random_weights": weights is None,
+        "shards": shards, "allreduce": allreduce if shards > 1 else None, "capacity": capacity,
+        "prefill_buckets": buckets, "random_weights": weights is None,
         "params": [[name, list(spec[name][0]), spec[name][1]] for name in order],
         "cache": {"shape": list(llama.cache_shape()), "dtype": "float32" if quant == "q0f32" else "float16",
                   "count": 2 * cfg.num_hidden_layers},

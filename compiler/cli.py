@@ -21,6 +21,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-buckets", default=",".join(map(str, PREFILL_BUCKETS)), metavar="N,N,...",
                    help="prompt lengths to compile a batched prefill step for, each at most the capacity "
                         f"(default {','.join(map(str, PREFILL_BUCKETS))}; 'none': the prompt goes token by token)")
+    p.add_argument("--allreduce", choices=["nccl", "fused"], default="nccl",
+                   help="with --shards > 1: NCCL all-reduce then add+RMSNorm (default), or one fused kernel "
+                        "over peer memory (NVIDIA, GPUs with peer access)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="model folder to write")
     p.set_defaults(func=run)
 
@@ -40,7 +43,7 @@ def run(args) -> int:
         raise UserError(f"--prefill-buckets: comma-separated token counts or 'none', got {args.prefill_buckets!r}") from None
     conf = build(args.output, model=args.model, weights=args.weights, random_weights=args.random_weights,
                  quant=args.quant, arch=args.arch, shards=args.shards, db=args.db, capacity=args.capacity,
-                 prefill=buckets)
+                 prefill=buckets, allreduce=args.allreduce)
     print(f"built {conf['model']['name']} {conf['quant']} for {conf['arch']} x{conf['shards']} "
           f"in {conf['built_with']['seconds']} s: {args.output}")
     return 0

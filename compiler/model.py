@@ -103,9 +103,11 @@ class Llama(nn.Module):
     """One shard's decode step: decode(token [1], pos [1], caches) -> (logits [1, V] fp32, caches)."""
 
     def __init__(self, cfg: LlamaConfig, quant: str, shards: int = 1, capacity: int = 4096,
-                 prefill: tuple = ()):
+                 prefill: tuple = (), allreduce: str = "nccl"):
         self.cfg, self.quant, self.shards, self.capacity = cfg, quant, shards, capacity
-        self.plan = plan_by_site(decode_plan(cfg, quant, shards, capacity=capacity))
+        self.plan = plan_by_site(decode_plan(cfg, quant, shards, capacity=capacity, allreduce=allreduce))
+        # The fused all-reduce reads peer memory that decode takes as an input (comm).
+        self.fused_allreduce = "allreduce_norm" in self.plan
         self.prefill_buckets = tuple(prefill)     # a prefill_<n> step for each
         self.prefill_plans = {n: plan_by_site(prefill_plan(cfg, quant, shards, n, capacity)) for n in prefill}
         dt = act_dtype(quant)
@@ -126,6 +128,14 @@ class Llama(nn.Module):
             return template_op(self.plan["norm"], [h, weight]), h
         return op.rms_norm(h, weight, axes=[-1], epsilon=self.cfg.rms_norm_eps), h
 
+    def _reduce_norm(self, partial, weight, residual, comm):
+        """(y, h) after a row-parallel layer: the all-reduce, the residual add and the next norm,
+        in one kernel over peer memory, or an NCCL all-reduce and then the add+norm."""
+        if self.fused_allreduce:
+            y, h = template_op(self.plan["allreduce_norm"], [partial, residual, weight, *comm])
+            return y, h
+        return self._norm(self._reduce(partial), weight, residual)
+
     def _reduce(self, partial):
         """Row-parallel layers leave partial sums on each shard."""
         return op.ccl_allreduce(partial, "sum") if self.shards > 1 else partial
@@ -145,7 +155,7 @@ class Llama(nn.Module):
         return op.silu(gate) * up
 
     # --- the step -------------------------------------------------------------
-    def decode(self, token, pos, caches):
+    def decode(self, token, pos, caches, comm=()):
         h = op.take(self.embed.weight, token, axis=0)          # [1, H]
         new_caches = []
         if self.fused_residual:     # the o/down GEMVs add the residual
@@ -160,10 +170,10 @@ class Llama(nn.Module):
             y, h = self._norm(h, self.layers[0].input_norm.weight)
             for i, layer in enumerate(self.layers):
                 a = self._attention(layer, y, pos, caches[2 * i], caches[2 * i + 1], new_caches)
-                y, h = self._norm(self._reduce(layer.o(a, self.plan.get("o"))), layer.post_norm.weight, h)
-                d = self._reduce(layer.down(self._mlp(layer, y), self.plan.get("down")))
+                y, h = self._reduce_norm(layer.o(a, self.plan.get("o")), layer.post_norm.weight, h, comm)
+                d = layer.down(self._mlp(layer, y), self.plan.get("down"))
                 next_weight = self.layers[i + 1].input_norm.weight if i + 1 < len(self.layers) else self.norm.weight
-                y, h = self._norm(d, next_weight, h)
+                y, h = self._reduce_norm(d, next_weight, h, comm)
         logits = self.lm_head(y, self.plan.get("lm_head"))
         return op.astype(logits, "float32"), tuple(new_caches)
 
@@ -224,9 +234,11 @@ class Llama(nn.Module):
         """(IRModule, [(param name, nn.Parameter)])."""
         dt = act_dtype(self.quant)
         caches = [spec.Tensor(list(self.cache_shape()), dt) for _ in range(2 * self.cfg.num_hidden_layers)]
-        mod, params = self.export_tvm(spec={"decode": {
-            "token": spec.Tensor([1], "int32"), "pos": spec.Tensor([1], "int32"),
-            "caches": caches}, **self.prefill_specs(caches)})
+        decode = {"token": spec.Tensor([1], "int32"), "pos": spec.Tensor([1], "int32"), "caches": caches}
+        if self.fused_allreduce:   # each GPU's buffer and flag words, then its peers' (rank-relative)
+            n, h = self.shards, self.cfg.hidden_size
+            decode["comm"] = [spec.Tensor([2, h], "float16")] * n + [spec.Tensor([n], "int32")] * n
+        mod, params = self.export_tvm(spec={"decode": decode, **self.prefill_specs(caches)})
         # Relax's CUDA-graph rewrite captures only what depends on arguments past `num_input`
         # (the weights). The runtime passes the very same token, position and cache tensors on
         # every step, so they are as fixed as the weights: count them in, and one graph holds

@@ -25,6 +25,16 @@ using stream_t = hipStream_t;
 #define gpuStreamCreate hipStreamCreate
 #define gpuStreamDestroy hipStreamDestroy
 #define gpuStreamSynchronize hipStreamSynchronize
+#define gpuMalloc hipMalloc
+#define gpuFree hipFree
+#define gpuMemset hipMemset
+#define gpuIpcMemHandle_t hipIpcMemHandle_t
+#define gpuIpcGetMemHandle hipIpcGetMemHandle
+#define gpuIpcOpenMemHandle hipIpcOpenMemHandle
+#define gpuIpcCloseMemHandle hipIpcCloseMemHandle
+#define gpuIpcMemLazyEnablePeerAccess hipIpcMemLazyEnablePeerAccess
+#define gpuDeviceCanAccessPeer hipDeviceCanAccessPeer
+#define gpuGetDevice hipGetDevice
 #else
 #include <cuda_runtime.h>
 #include <nccl.h>
@@ -36,6 +46,16 @@ using stream_t = cudaStream_t;
 #define gpuStreamCreate cudaStreamCreate
 #define gpuStreamDestroy cudaStreamDestroy
 #define gpuStreamSynchronize cudaStreamSynchronize
+#define gpuMalloc cudaMalloc
+#define gpuFree cudaFree
+#define gpuMemset cudaMemset
+#define gpuIpcMemHandle_t cudaIpcMemHandle_t
+#define gpuIpcGetMemHandle cudaIpcGetMemHandle
+#define gpuIpcOpenMemHandle cudaIpcOpenMemHandle
+#define gpuIpcCloseMemHandle cudaIpcCloseMemHandle
+#define gpuIpcMemLazyEnablePeerAccess cudaIpcMemLazyEnablePeerAccess
+#define gpuDeviceCanAccessPeer cudaDeviceCanAccessPeer
+#define gpuGetDevice cudaGetDevice
 #endif
 
 namespace shardtune {
@@ -209,6 +229,58 @@ void SyncWorker() {
   GPU(gpuStreamSynchronize(ctx->Stream()));
 }
 
+// --- peer memory for the fused all-reduce (kernels/allreduce_add_norm.py) --------------------
+// Each worker allocates one buffer, exports its IPC handle, and opens its peers' handles: the
+// kernel then reads the peers' partial sums and writes their flag words directly.
+struct OwnedAlloc {   // memory this process allocated
+  void* ptr;
+  void AllocData(DLTensor* t) { t->data = ptr; }
+  void FreeData(DLTensor* t) { gpuFree(t->data); }
+};
+struct OpenedAlloc {  // a peer's memory, mapped here
+  void* ptr;
+  void AllocData(DLTensor* t) { t->data = ptr; }
+  void FreeData(DLTensor* t) { gpuIpcCloseMemHandle(t->data); }
+};
+
+static DLDevice CurrentDevice() {
+  int id = 0;
+  GPU(gpuGetDevice(&id));
+  return DLDevice{DEVICE_TYPE, id};
+}
+
+Tensor IpcAlloc(int64_t nbytes) {
+  void* ptr = nullptr;
+  GPU(gpuMalloc(&ptr, nbytes));
+  GPU(gpuMemset(ptr, 0, nbytes));   // round counters and flags start at 0
+  int64_t shape[1] = {nbytes};
+  return Tensor::FromNDAlloc(OwnedAlloc{ptr}, tvm::ffi::ShapeView(shape, 1), DLDataType{kDLUInt, 8, 1},
+                             CurrentDevice());
+}
+
+tvm::ffi::Bytes IpcHandle(Tensor t) {
+  gpuIpcMemHandle_t handle;
+  GPU(gpuIpcGetMemHandle(&handle, t->data));
+  return tvm::ffi::Bytes(reinterpret_cast<const char*>(&handle), sizeof(handle));
+}
+
+Tensor IpcOpen(tvm::ffi::Bytes handle_bytes, int64_t nbytes) {
+  gpuIpcMemHandle_t handle;
+  if (handle_bytes.size() != sizeof(handle)) TVM_FFI_THROW(ValueError) << "ipc: bad handle";
+  std::memcpy(&handle, handle_bytes.data(), sizeof(handle));
+  void* ptr = nullptr;
+  GPU(gpuIpcOpenMemHandle(&ptr, handle, gpuIpcMemLazyEnablePeerAccess));
+  int64_t shape[1] = {nbytes};
+  return Tensor::FromNDAlloc(OpenedAlloc{ptr}, tvm::ffi::ShapeView(shape, 1), DLDataType{kDLUInt, 8, 1},
+                             CurrentDevice());
+}
+
+bool CanAccessPeer(int device, int peer) {
+  int ok = 0;
+  GPU(gpuDeviceCanAccessPeer(&ok, device, peer));
+  return ok != 0;
+}
+
 #define FN(name) "runtime.disco." CCL_NAME "." name
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
@@ -228,7 +300,11 @@ TVM_FFI_STATIC_INIT_BLOCK() {
            [](Tensor b) { RecvFrom(b, Context::Get()->worker->worker_id - Context::Get()->GroupSize()); })
       .def(FN("send_to_worker"), SendTo)
       .def(FN("recv_from_worker"), RecvFrom)
-      .def(FN("sync_worker"), SyncWorker);
+      .def(FN("sync_worker"), SyncWorker)
+      .def("shardtune.ipc.alloc", IpcAlloc)
+      .def("shardtune.ipc.handle", IpcHandle)
+      .def("shardtune.ipc.open", IpcOpen)
+      .def("shardtune.ipc.can_access_peer", CanAccessPeer);
 }
 
 }  // namespace shardtune

@@ -47,10 +47,50 @@ def _open(path: str, seed: int) -> int:
     return rank
 
 
+def comm_layout(hidden: int, shards: int) -> tuple[int, int]:
+    """(byte offset of the flag words, bytes) of one GPU's buffer for the fused all-reduce:
+    two slots of `hidden` fp16 values, then one int32 flag word per GPU."""
+    flags_at = -(-2 * hidden * 2 // 256) * 256
+    return flags_at, flags_at + 4 * shards
+
+
+@register_global_func("shardtune.shard.comm_create", override=True)
+@_guard
+def _comm_create() -> str:
+    """Allocate this GPU's peer-visible buffer; its IPC handle, hex, for the controller to share."""
+    m = _shard["model"]
+    _, nbytes = comm_layout(m.cfg.hidden_size, m.conf["shards"])
+    _shard["comm_own"] = get_global_func("shardtune.ipc.alloc")(nbytes)
+    return bytes(get_global_func("shardtune.ipc.handle")(_shard["comm_own"])).hex()
+
+
+@register_global_func("shardtune.shard.comm_open", override=True)
+@_guard
+def _comm_open(handles: str) -> int:
+    """Map every peer's buffer and hand the model its views, rank-relative: position p is the GPU
+    p ranks after this one (kernels/allreduce_add_norm.py)."""
+    m = _shard["model"]
+    n, hidden, rank = m.conf["shards"], m.cfg.hidden_size, m.shard
+    flags_at, nbytes = comm_layout(hidden, n)
+    hexes = handles.split(",")
+    opened = [_shard["comm_own"] if (rank + p) % n == rank
+              else get_global_func("shardtune.ipc.open")(bytes.fromhex(hexes[(rank + p) % n]), nbytes)
+              for p in range(n)]
+    m.comm = ([b._create_view((2, hidden), "float16") for b in opened]
+              + [b._create_view((n,), "int32", flags_at) for b in opened])
+    return n
+
+
 @register_global_func("shardtune.shard.step", override=True)
 @_guard
 def _step(token: int, pos: int):
     return _shard["model"].run_step(token, pos)
+
+
+@register_global_func("shardtune.shard.prefill", override=True)
+@_guard
+def _prefill(tokens: str, pos: int):
+    return _shard["model"].run_prefill([int(t) for t in tokens.split(",")], pos)
 
 
 @register_global_func("shardtune.shard.time_steps", override=True)

@@ -72,6 +72,7 @@ class Model:
                        for _ in range(cache["count"])]
         self.token = tvm.runtime.empty((1,), "int32", self.dev)
         self.pos = tvm.runtime.empty((1,), "int32", self.dev)
+        self.comm: list = []   # a fused all-reduce's peer buffers, set by the disco worker
         self.prefill_buckets = tuple(self.conf.get("prefill_buckets", ()))
         self._prefill_args: dict[int, tuple] = {}   # bucket -> (tokens, pos, last) on the device
 
@@ -136,7 +137,8 @@ class Model:
         """One decode step; the logits [1, V] stay on the device."""
         self.token.copyfrom(np.array([token], np.int32))
         self.pos.copyfrom(np.array([pos], np.int32))
-        logits, _ = self.vm["decode"](self.token, self.pos, self.caches, *self.params)
+        extra = (self.comm,) if self.comm else ()
+        logits, _ = self.vm["decode"](self.token, self.pos, self.caches, *extra, *self.params)
         return logits
 
     def run_prefill(self, tokens, pos: int):

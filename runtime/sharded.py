@@ -71,8 +71,26 @@ class ShardedModel(Model):
         self.dev = tvm.cuda(0) if device_type == "cuda" else tvm.rocm(0)
         self.sess = start_session(n, device_type)
         self._call("shardtune.shard.open", str(self.path), seed)
+        if self.conf.get("allreduce") == "fused":
+            self._connect_peers(device_type)
         self._step = self.sess.get_global_func("shardtune.shard.step")
+        self._prefill = self.sess.get_global_func("shardtune.shard.prefill")
+        self.prefill_buckets = tuple(self.conf.get("prefill_buckets", ()))
         self.logits = tvm.runtime.empty((1, self.cfg.vocab_size), "float32", tvm.cpu())
+
+    def _connect_peers(self, device_type: str) -> None:
+        """The fused all-reduce reads the peers' memory: every pair of GPUs must reach each other."""
+        from tvm_ffi import get_global_func
+
+        can = get_global_func("shardtune.ipc.can_access_peer")
+        for a in range(self.shards):
+            for b in range(self.shards):
+                if a != b and not can(a, b):
+                    raise UserError(f"{self.path} fuses the all-reduce over peer memory, but GPU {a} cannot "
+                                    f"reach GPU {b}'s: rebuild it with --allreduce nccl")
+        handles = self._call("shardtune.shard.comm_create")
+        joined = ",".join(handles.debug_get_from_remote(w) for w in range(self.shards))
+        self._call("shardtune.shard.comm_open", joined)
 
     def _call(self, name: str, *args):
         """Run a shardtune.shard.* function on every worker and wait; raise what any raised."""
@@ -86,6 +104,12 @@ class ShardedModel(Model):
 
     def run_step(self, token: int, pos: int):
         logits = self.sess.call_packed(self._step, token, pos)
+        self.sess.copy_from_worker_0(self.logits, logits)
+        self.sess.sync_worker_0()
+        return self.logits
+
+    def run_prefill(self, tokens, pos: int):
+        logits = self.sess.call_packed(self._prefill, ",".join(str(int(t)) for t in tokens), pos)
         self.sess.copy_from_worker_0(self.logits, logits)
         self.sess.sync_worker_0()
         return self.logits
@@ -104,7 +128,7 @@ class ShardedModel(Model):
             import gc
 
             self._call("shardtune.shard.reset")
-            self.sess = self._step = None
+            self.sess = self._step = self._prefill = None
             gc.collect()
 
     def __del__(self):

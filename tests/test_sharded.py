@@ -21,7 +21,7 @@ def _cli(*args):
 def tp2_gpu_build(tmp_path_factory):
     path = tmp_path_factory.mktemp("tp2") / "tiny-sm90-tp2"
     shardtune.build(str(path), model="tiny", random_weights=True, quant="q4f16_1", arch="sm_90", shards=2,
-                    capacity=64)
+                    capacity=64, prefill=())
     return path
 
 
@@ -34,7 +34,8 @@ def test_sharded_build_without_gpus_is_one_line(tp2_gpu_build):
 
 def test_sharded_cpu_build_is_refused(tmp_path):
     path = tmp_path / "tiny-cpu-tp2"
-    shardtune.build(str(path), model="tiny", random_weights=True, quant="q4f16_1", arch="cpu", shards=2, capacity=64)
+    shardtune.build(str(path), model="tiny", random_weights=True, quant="q4f16_1", arch="cpu", shards=2, capacity=64,
+                    prefill=())
     with pytest.raises(UserError, match="no CPU collective backend"):
         shardtune.load(str(path))
 
@@ -83,7 +84,7 @@ def test_gfx1100_two_shard_model_builds(tmp_path):
     """Two Radeon 7900 XTX: a complete sharded model, code objects included, without AMD hardware."""
     path = tmp_path / "tiny-gfx1100-tp2"
     conf = shardtune.build(str(path), model="tiny", random_weights=True, quant="q4f16_1", arch="gfx1100", shards=2,
-                           capacity=64)
+                           capacity=64, prefill=())
     assert conf["shards"] == 2 and conf["target"]["kind"] == "rocm"
     assert (path / "model.so").stat().st_size > 10_000
     assert conf["cache"]["shape"][0] == 2   # tiny's 4 KV heads, two per shard
@@ -140,3 +141,21 @@ def test_allreduce_add_norm_cuda_has_the_flag_barrier_and_rocm_is_refused():
     src = ex.mod.imports[0].inspect_source()
     assert src.count("atomicExch") == 7 and "__threadfence_system()" in src   # one flag per peer
     assert "the flag barrier is CUDA-only" == tpl.check(wl, {"threads": 256}, target_of(get_arch("gfx1100")))
+
+
+def test_fused_allreduce_build_replaces_nccl_in_decode(tmp_path):
+    conf = shardtune.build(str(tmp_path / "fused"), model="tiny", random_weights=True, quant="q4f16_1", arch="sm_90",
+                           shards=2, capacity=64, prefill=(), allreduce="fused")
+    sites = {k["site"]: k["template"] for k in conf["kernels"]}
+    assert conf["allreduce"] == "fused" and sites["allreduce_norm"] == "allreduce_add_norm"
+    assert "add_norm" not in sites and conf["cuda_graphs"]["decode"] == 1
+    for arch, shards in (("sm_90", 1), ("gfx1100", 2)):
+        res = _cli("build", "--model", "tiny", "--random-weights", "--arch", arch, "--shards", str(shards),
+                   "--allreduce", "fused", "-o", str(tmp_path / f"bad-{arch}"))
+        assert res.returncode == 2 and "--allreduce fused needs" in res.stderr and len(res.stderr.splitlines()) == 1
+
+
+def test_fused_allreduce_is_tuned_per_shard_count(tmp_path):
+    records = shardtune.tune(arch="cpu", shards=2, model="tiny", db=str(tmp_path / "t.db"), trials_per_kernel=1,
+                             kernels=["allreduce"], progress=False)
+    assert [(r.template, r.workload["shards"], r.shards) for r in records] == [("allreduce_add_norm", 2, 2)]

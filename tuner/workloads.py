@@ -9,10 +9,13 @@ from ..errors import UserError
 from ..models import load_config
 from ..plan import attention_lengths, decode_plan, kv_capacity
 
-KINDS = ("gemv", "norm", "attention")
+KINDS = ("gemv", "norm", "attention", "allreduce")
 QUANTS = ("q4f16_1", "q0f16")
+# "allreduce": the fused all-reduce + add + RMSNorm of `build --allreduce fused` (shards > 1). One
+# GPU stands in for all when tuning it (the peers' flags preset): the barrier's cross-GPU wait is
+# not in the time, the rest of the kernel is.
 SITES = {"gemv": ("qkv", "o", "gate_up", "down", "lm_head"), "norm": ("norm", "add_norm"),
-         "attention": ("rope", "attention")}
+         "attention": ("rope", "attention"), "allreduce": ("allreduce_norm",)}
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ def kernel_instances(model: str, shards: int, kernels: list[str] | None = None, 
     cfg = load_config(model)
     capacity = kv_capacity(cfg)
     calls = [c for c in decode_plan(cfg, quant, shards, batch=batch, capacity=capacity) if c.site != "attention"]
+    if "allreduce" in kernels:
+        calls += [c for c in decode_plan(cfg, quant, shards, batch=batch, capacity=capacity, allreduce="fused")
+                  if c.site == "allreduce_norm"]
     # attention is tuned at each representative length, shortest first; a build uses one (plan.py)
     calls += [c for length in attention_lengths(capacity)
               for c in decode_plan(cfg, quant, shards, batch=batch, capacity=capacity, attention_length=length)

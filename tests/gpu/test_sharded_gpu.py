@@ -46,12 +46,12 @@ def checkpoint(tmp_path_factory):
 _one_gpu: dict = {}   # quant -> the TP1 run, shared by the TP2 and TP4 cases
 
 
-def _generate(checkpoint, tmp_path, quant, shards, n=64):
+def _generate(checkpoint, tmp_path, quant, shards, allreduce="nccl", n=64):
     if shards == 1 and quant in _one_gpu:
         return _one_gpu[quant]
-    path = tmp_path / f"{quant}-tp{shards}"
+    path = tmp_path / f"{quant}-tp{shards}-{allreduce}"
     shardtune.build(str(path), weights=str(checkpoint), quant=quant, arch=local_gpu_arch(), shards=shards,
-                    capacity=256)
+                    capacity=256, allreduce=allreduce if shards > 1 else "nccl")
     model = shardtune.load(str(path))
     out = model.generate(PROMPT, max_new_tokens=n, return_logits=True, stop_at_eos=False)
     if shards > 1:
@@ -63,11 +63,12 @@ def _generate(checkpoint, tmp_path, quant, shards, n=64):
 
 @pytest.mark.parametrize("quant", ["q0f16", "q4f16_1"])
 @pytest.mark.parametrize("shards", [2, 4])
-def test_sharded_matches_one_gpu(checkpoint, tmp_path, quant, shards):
+@pytest.mark.parametrize("allreduce", ["nccl", "fused"])
+def test_sharded_matches_one_gpu(checkpoint, tmp_path, quant, shards, allreduce):
     if shards > GPUS:
         pytest.skip(f"needs {shards} GPUs")
     ref_ids, ref_logits = _generate(checkpoint, tmp_path, quant, 1)
-    ids, logits = _generate(checkpoint, tmp_path, quant, shards)
+    ids, logits = _generate(checkpoint, tmp_path, quant, shards, allreduce)
     scale = np.abs(ref_logits).max()
     # Sharding changes only the order of fp16 sums. Its size shows on the first step (same
     # input for both); a different id is excused only where the top two logits are closer.
@@ -80,7 +81,7 @@ def test_sharded_matches_one_gpu(checkpoint, tmp_path, quant, shards):
             agree = i
             break
         assert a == b, (i, ids, ref_ids)
-    print(f"{quant} TP{shards}: ids agree for {agree} of {len(ref_ids)} tokens"
+    print(f"{quant} TP{shards} {allreduce}: ids agree for {agree} of {len(ref_ids)} tokens"
           f"{' (then a near-tie)' if agree < len(ref_ids) else ''}; first-step logit noise {noise / scale:.1e} of max")
     # logits compared only while both runs saw the same tokens
     assert np.abs(logits[:agree + 1] - ref_logits[:agree + 1]).max() < 1e-2 * scale
