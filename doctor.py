@@ -12,6 +12,18 @@ def _buildable_targets() -> list[str]:
     return kinds
 
 
+def _ccl_status() -> str:
+    """Whether the NCCL backend for sharded models can be built here (runtime/ccl.py)."""
+    from .errors import UserError
+    from .runtime.ccl import _cuda_flags
+
+    try:
+        _, libs, _ = _cuda_flags()
+    except UserError as e:
+        return str(e).split(": ", 1)[-1]
+    return "NCCL backend buildable (" + ", ".join(libs) + ")"
+
+
 def run(args) -> int:
     import tvm
     import tvm_ffi
@@ -30,6 +42,7 @@ def run(args) -> int:
         ("arches", ", ".join(["cpu (" + host_arch().name + ")", *ARCHES])),
         ("GPUs", "; ".join(f"{g['index']}: {g['name']} ({g['arch']}, {g['compute_units']} CUs)"
                            for g in gpus) or "none"),
+        ("multi-GPU", _ccl_status()),
         ("default database", str(default_db_path())),
     ]
     width = max(len(k) for k, _ in rows)

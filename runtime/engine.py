@@ -259,6 +259,7 @@ class Model:
         tok_s = float(np.median(decode))
         return {
             "model": self.cfg.name, "quant": self.conf["quant"], "shards": self.conf["shards"],
+            "allreduce": self.conf.get("allreduce"),
             "arch": self.conf["arch"], "device": self.device_name(), "prompt_len": prompt_len,
             "gen_len": gen_len, "repeat": repeat, "decode_tok_s": tok_s, "decode_tok_s_runs": decode,
             "prefill_ms": float(np.median(prefill)) * 1e3,

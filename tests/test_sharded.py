@@ -159,3 +159,10 @@ def test_fused_allreduce_is_tuned_per_shard_count(tmp_path):
     records = shardtune.tune(arch="cpu", shards=2, model="tiny", db=str(tmp_path / "t.db"), trials_per_kernel=1,
                              kernels=["allreduce"], progress=False)
     assert [(r.template, r.workload["shards"], r.shards) for r in records] == [("allreduce_add_norm", 2, 2)]
+
+
+def test_doctor_says_whether_multi_gpu_runs_can_work_here():
+    res = _cli("doctor")
+    assert res.returncode == 0
+    line = next(line for line in res.stdout.splitlines() if line.startswith("multi-GPU"))
+    assert "NCCL backend buildable" in line or "not found" in line
