@@ -3,9 +3,8 @@
 # the reference records, then again with a deliberately slowed GEMV schedule (it must say
 # slower and exit 1); a CUDA tuning run through a TVM RPC tracker and server. Results in $OUT.
 source benchmarks/device_env.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 echo "device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)  date: $(date -u +%FT%TZ)" | tee "$OUT/checks.log"
-step() { echo "== $*" | tee -a "$OUT/checks.log"; local t0=$SECONDS; "$@" 2>&1 | grep -v -i warning | tee -a "$OUT/checks.log" | tail -${TAIL:-20}; echo "   rc=${PIPESTATUS[0]} ($((SECONDS - t0)) s)" | tee -a "$OUT/checks.log"; }
+LOG=checks.log TAIL=20
 step timeout 150 python3 -m pytest -q tests/gpu/test_prefill_kernels_gpu.py tests/gpu/test_gemv_gpu.py -k "norm or prefill or embedding"
 REF=database/reference/sm_90.jsonl
 step timeout 100 python3 -m shardtune regress --db $REF --shards 4 --template q4f16_1_gemv --json "$OUT/regress_clean.json"

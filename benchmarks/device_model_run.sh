@@ -3,10 +3,8 @@
 # kernel kind, then a build from that database and a benchmark. Everything lands in $OUT.
 # Usage (after staging TVM, see benchmarks/device_env.sh): bash benchmarks/device_model_run.sh
 source benchmarks/device_env.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "device: $DEV  date: $(date -u +%FT%TZ)" | tee "$OUT/run.log"
-step() { echo "== $*" | tee -a "$OUT/run.log"; local t0=$SECONDS; "$@" 2>&1 | grep -v -i warning | tee -a "$OUT/run.log" | tail -25; echo "   ($((SECONDS - t0)) s)" | tee -a "$OUT/run.log"; }
 step timeout 200 python3 -m pytest -q -x tests/gpu -k "attention or rope or norm or model"
 step timeout 180 python3 -m shardtune tune --arch sm_90 --model llama2-7b --shards 1 --kernels gemv,norm,attention \
   --time-budget 150 --trials-per-kernel 32 --db "$OUT/h100.db" --no-progress

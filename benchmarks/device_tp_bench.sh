@@ -4,8 +4,6 @@
 # Builds are made beforehand on any machine (random weights: only the library travels).
 # Usage: bash benchmarks/device_tp_bench.sh NAME MODEL_DIR...   (NAME names the JSON; TEST=0 skips the test)
 source benchmarks/device_env.sh
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 NAME=$1; shift
 echo "device: $(nvidia-smi -L | wc -l) x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)  date: $(date -u +%FT%TZ)" | tee -a "$OUT/$NAME.log"
 if [ "${TEST:-1}" = 1 ]; then

@@ -3,8 +3,6 @@
 # the same Llama-2-7B TP2 weights, then benches of fused TP2 builds. Results in $OUT.
 # Usage: bash benchmarks/device_tp_fused.sh MODELS_DIR
 source benchmarks/device_env.sh >/dev/null 2>&1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 M=$1
 echo "device: $(nvidia-smi -L | wc -l) x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)  date: $(date -u +%FT%TZ)"
 timeout ${LIMIT:-100} python3 benchmarks/tp_fused_check.py $M/llama2-7b-nccl-tp2 $M/llama2-7b-fused-tp2 \

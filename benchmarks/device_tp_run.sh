@@ -4,12 +4,9 @@
 # shard count the machine has, benchmarked (prompt 8, decode 256). Everything lands in $OUT.
 # Usage: bash benchmarks/device_tp_run.sh [DB.jsonl ...]   (records to build with; optional)
 source benchmarks/device_env.sh
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 GPUS=$(nvidia-smi -L | wc -l)
 DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "device: $GPUS x $DEV  date: $(date -u +%FT%TZ)" | tee "$OUT/run.log"
-step() { echo "== $*" | tee -a "$OUT/run.log"; local t0=$SECONDS; "$@" 2>&1 | grep -v -i warning | tee -a "$OUT/run.log" | tail -${TAIL:-25}; echo "   ($((SECONDS - t0)) s)" | tee -a "$OUT/run.log"; }
 DB=/tmp/tp.db
 for f in "$@"; do python3 -m shardtune db import "$DB" "$f" >/dev/null 2>&1; done
 step timeout ${TEST_S:-240} python3 -m pytest -q -x -s tests/gpu/test_sharded_gpu.py

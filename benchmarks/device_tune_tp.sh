@@ -2,7 +2,6 @@
 # Tune the per-shard kernels of tensor-parallel builds on one GPU (the per-shard shapes are
 # known without N GPUs). Usage: bash benchmarks/device_tune_tp.sh "MODEL:SHARDS:SECONDS ..." [warm-start.jsonl ...]
 source benchmarks/device_env.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 DB=$OUT/tp.db
 DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "device: $DEV  date: $(date -u +%FT%TZ)" | tee "$OUT/tune.log"

@@ -79,8 +79,7 @@ def _bench_one(path: str, args) -> dict:
 
     model = load(path)
     result = model.bench(prompt_len=args.prompt_len, gen_len=args.gen_len, repeat=args.repeat)
-    if hasattr(model, "close"):
-        model.close()
+    model.close()
     result["command"] = " ".join(["shardtune", *sys.argv[1:]]) if sys.argv else ""
     print(f"{result['model']} {result['quant']} x{result['shards']} on {result['device']}: "
           f"{result['decode_tok_s']:.1f} tok/s decode ({result['roofline_fraction']:.0%} of the roofline at "

@@ -72,10 +72,8 @@ def _comm_open(handles: str) -> int:
     m = _shard["model"]
     n, hidden, rank = m.conf["shards"], m.cfg.hidden_size, m.shard
     flags_at, nbytes = comm_layout(hidden, n)
-    hexes = handles.split(",")
-    opened = [_shard["comm_own"] if (rank + p) % n == rank
-              else get_global_func("shardtune.ipc.open")(bytes.fromhex(hexes[(rank + p) % n]), nbytes)
-              for p in range(n)]
+    hexes, ipc_open = handles.split(","), get_global_func("shardtune.ipc.open")
+    opened = [_shard["comm_own"]] + [ipc_open(bytes.fromhex(hexes[(rank + p) % n]), nbytes) for p in range(1, n)]
     m.comm = ([b._create_view((2, hidden), "float16") for b in opened]
               + [b._create_view((n,), "int32", flags_at) for b in opened])
     return n

@@ -52,11 +52,6 @@ class Model:
     """One shard of a model on one device. `load()` gives this for a one-GPU build; a
     sharded build's disco workers each hold one (runtime/disco_worker.py)."""
 
-    #: prompt lengths the build has a prefill step for; () feeds prompts through decode, token by
-    #: token. A subclass that does not run Model.__init__ (ShardedModel) keeps () until it sets
-    #: its own and overrides run_prefill.
-    prefill_buckets: tuple = ()
-
     def __init__(self, path: str, seed: int = 0, shard: int = 0, device_id: int = 0):
         import tvm
         from tvm import relax
@@ -73,7 +68,6 @@ class Model:
         self.token = tvm.runtime.empty((1,), "int32", self.dev)
         self.pos = tvm.runtime.empty((1,), "int32", self.dev)
         self.comm: list = []   # a fused all-reduce's peer buffers, set by the disco worker
-        self.prefill_buckets = tuple(self.conf.get("prefill_buckets", ()))
         self._prefill_args: dict[int, tuple] = {}   # bucket -> (tokens, pos, last) on the device
 
     def _setup(self, path: str) -> None:
@@ -82,7 +76,12 @@ class Model:
         self.conf = read_config(path)
         self.cfg = LlamaConfig(**self.conf["model"])
         self.capacity = self.conf["capacity"]
+        # prompt lengths the build has a prefill step for; (): prompts go token by token
+        self.prefill_buckets = tuple(self.conf.get("prefill_buckets", ()))
         self.tokenizer = self._load_tokenizer()
+
+    def close(self) -> None:
+        """Release what outlives garbage collection: nothing on one device (see ShardedModel)."""
 
     # --- loading --------------------------------------------------------------
     def _load_params(self, seed: int) -> list:
@@ -97,7 +96,8 @@ class Model:
                 t = tvm.runtime.empty(tuple(shape), dtype, self.dev)
                 lo, hi = value_range(name, dtype)
                 fill = self.lib.get_function(fill_name(dtype), query_imports=True)
-                fill(t._create_view((int(np.prod(shape)),)), (seed * 7919 + i * 104729 + self.shard * 15485863) & 0xFFFFFFFF, lo, hi)
+                key = (seed * 7919 + i * 104729 + self.shard * 15485863) & 0xFFFFFFFF   # differs per shard
+                fill(t._create_view((int(np.prod(shape)),)), key, lo, hi)
                 out.append(t)
             self.dev.sync()
             return out

@@ -11,7 +11,6 @@ import importlib
 import os
 import sys
 
-
 from ..errors import UserError
 from .engine import Model
 
@@ -75,7 +74,6 @@ class ShardedModel(Model):
             self._connect_peers(device_type)
         self._step = self.sess.get_global_func("shardtune.shard.step")
         self._prefill = self.sess.get_global_func("shardtune.shard.prefill")
-        self.prefill_buckets = tuple(self.conf.get("prefill_buckets", ()))
         self.logits = tvm.runtime.empty((1, self.cfg.vocab_size), "float32", tvm.cpu())
 
     def _connect_peers(self, device_type: str) -> None:
@@ -103,14 +101,14 @@ class ShardedModel(Model):
         return out
 
     def run_step(self, token: int, pos: int):
-        logits = self.sess.call_packed(self._step, token, pos)
-        self.sess.copy_from_worker_0(self.logits, logits)
-        self.sess.sync_worker_0()
-        return self.logits
+        return self._logits_of(self.sess.call_packed(self._step, token, pos))
 
     def run_prefill(self, tokens, pos: int):
-        logits = self.sess.call_packed(self._prefill, ",".join(str(int(t)) for t in tokens), pos)
-        self.sess.copy_from_worker_0(self.logits, logits)
+        return self._logits_of(self.sess.call_packed(self._prefill, ",".join(str(int(t)) for t in tokens), pos))
+
+    def _logits_of(self, remote):
+        """Worker 0's logits (every worker holds the same), into host memory."""
+        self.sess.copy_from_worker_0(self.logits, remote)
         self.sess.sync_worker_0()
         return self.logits
 
@@ -136,6 +134,3 @@ class ShardedModel(Model):
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutting down
             pass
-
-
-

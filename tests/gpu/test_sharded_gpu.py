@@ -54,9 +54,8 @@ def _generate(checkpoint, tmp_path, quant, shards, allreduce="nccl", n=64):
                     capacity=256, allreduce=allreduce if shards > 1 else "nccl")
     model = shardtune.load(str(path))
     out = model.generate(PROMPT, max_new_tokens=n, return_logits=True, stop_at_eos=False)
-    if shards > 1:
-        model.close()
-    else:
+    model.close()
+    if shards == 1:
         _one_gpu[quant] = out
     return out
 
