@@ -19,8 +19,9 @@ def build(out_dir: str, **kwargs):
     return _build(out_dir, **kwargs)
 
 
-def load(path: str, seed: int = 0):
-    """A built model, ready to `generate` and `bench`; see `shardtune.runtime.engine.Model`."""
+def load(path: str, seed: int = 0, allreduce: str | None = None):
+    """A built model, ready to `generate` and `bench`; see `shardtune.runtime.engine.Model`.
+    `allreduce="nccl"` runs a fused-all-reduce build through NCCL instead."""
     from .runtime.engine import load as _load
 
-    return _load(path, seed)
+    return _load(path, seed, allreduce=allreduce)

@@ -95,6 +95,8 @@ def decode_plan(cfg: LlamaConfig, quant: str, shards: int, batch: int = 1,
         elif allreduce == "fused" and shards > 1 and batch == 1:   # all-reduce, add and norm: one kernel
             calls.append(KernelCall("norm", "rms_norm", norm, 1))
             calls.append(KernelCall("allreduce_norm", "allreduce_add_norm", {**norm, "shards": shards}, 2 * L))
+            # decode_nccl, for GPUs that cannot reach each other's memory: NCCL, then add+norm
+            calls.append(KernelCall("add_norm", "add_rms_norm", norm, 0))
         else:
             calls.append(KernelCall("norm", "rms_norm", norm, 1))
             calls.append(KernelCall("add_norm", "add_rms_norm", norm, 2 * L))

@@ -102,7 +102,7 @@ def _open_db(db_path: str | None, arch: str, shards: int, log):
 
 def build(out_dir: str, model: str | None = None, weights: str | None = None, random_weights: bool = False,
           quant: str = "q4f16_1", arch: str = "cpu", shards: int = 1, db: str | None = None,
-          capacity: int = DEFAULT_CAPACITY, prefill=PREFILL_BUCKETS, allreduce: str = "nccl",
+          capacity: int = DEFAULT_CAPACITY, prefill=PREFILL_BUCKETS, allreduce: str = "auto",
           log=sys.stderr) -> dict:
     """Build a model folder; returns its config. `weights` is a Hugging Face checkpoint folder;
     `model` with `random_weights` builds random weights of that model's real shapes. `prefill`:
@@ -124,8 +124,10 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
             raise UserError("--random-weights needs --model NAME (or a config.json path)")
         cfg = load_config(model)
     a = get_arch(arch)
-    if allreduce not in ("nccl", "fused"):
-        raise UserError(f"--allreduce is nccl or fused, got {allreduce!r}")
+    if allreduce not in ("auto", "nccl", "fused"):
+        raise UserError(f"--allreduce is auto, nccl or fused, got {allreduce!r}")
+    if allreduce == "auto":   # fused where it can run (it falls back to NCCL without peer access)
+        allreduce = "fused" if shards > 1 and a.vendor == "nvidia" else "nccl"
     if allreduce == "fused" and (shards == 1 or a.vendor != "nvidia"):
         raise UserError("--allreduce fused needs --shards 2 or more on an NVIDIA arch (its barrier is CUDA atomics)")
     if quant == "q0f32" and a.vendor != "cpu":
@@ -156,7 +158,8 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     with target, tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": config["use_cuda_graph"]}):
         ex = tvm.compile(mod, target=target)
     if config["use_cuda_graph"]:   # how many graphs each step runs: decode and each prefill_<n> one
-        config["cuda_graphs"] = cuda_graphs(ex.as_text(), ["decode", *(f"prefill_{n}" for n in buckets)])
+        steps = ["decode", *(["decode_nccl"] if llama.fused_allreduce else []), *(f"prefill_{n}" for n in buckets)]
+        config["cuda_graphs"] = cuda_graphs(ex.as_text(), steps)
 
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():

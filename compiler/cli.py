@@ -21,9 +21,10 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-buckets", default=",".join(map(str, PREFILL_BUCKETS)), metavar="N,N,...",
                    help="prompt lengths to compile a batched prefill step for, each at most the capacity "
                         f"(default {','.join(map(str, PREFILL_BUCKETS))}; 'none': the prompt goes token by token)")
-    p.add_argument("--allreduce", choices=["nccl", "fused"], default="nccl",
-                   help="with --shards > 1: NCCL all-reduce then add+RMSNorm (default), or one fused kernel "
-                        "over peer memory (NVIDIA, GPUs with peer access)")
+    p.add_argument("--allreduce", choices=["auto", "nccl", "fused"], default="auto",
+                   help="with --shards > 1: one fused all-reduce + add + RMSNorm kernel over peer memory "
+                        "(NVIDIA; the model falls back to NCCL on GPUs without peer access), or NCCL "
+                        "all-reduce then add+RMSNorm. auto (default): fused on NVIDIA, NCCL elsewhere")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="model folder to write")
     p.set_defaults(func=run)
 

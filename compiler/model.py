@@ -19,6 +19,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op, spec
 
 from ..kernels import get_template
+from ..kernels.allreduce_add_norm import comm_regions
 from ..models import LlamaConfig
 from ..plan import KernelCall, decode_plan, plan_by_site, prefill_plan, residual_in_gemv
 from .dequantize import dequantize_q4
@@ -130,8 +131,9 @@ class Llama(nn.Module):
 
     def _reduce_norm(self, partial, weight, residual, comm):
         """(y, h) after a row-parallel layer: the all-reduce, the residual add and the next norm,
-        in one kernel over peer memory, or an NCCL all-reduce and then the add+norm."""
-        if self.fused_allreduce:
+        in one kernel over peer memory (given its buffers, comm), or an NCCL all-reduce and then
+        the add+norm."""
+        if comm:
             y, h = template_op(self.plan["allreduce_norm"], [partial, residual, weight, *comm])
             return y, h
         return self._norm(self._reduce(partial), weight, residual)
@@ -176,6 +178,10 @@ class Llama(nn.Module):
                 y, h = self._reduce_norm(d, next_weight, h, comm)
         logits = self.lm_head(y, self.plan.get("lm_head"))
         return op.astype(logits, "float32"), tuple(new_caches)
+
+    def decode_nccl(self, token, pos, caches):
+        """decode with NCCL all-reduces: what a fused build runs where peer access is missing."""
+        return self.decode(token, pos, caches)
 
     def prefill(self, tokens, pos, last, caches):
         """prefill_<n>(tokens [n], pos [1], last [1], caches) -> (logits [1, V] fp32, caches): token t
@@ -235,14 +241,18 @@ class Llama(nn.Module):
         dt = act_dtype(self.quant)
         caches = [spec.Tensor(list(self.cache_shape()), dt) for _ in range(2 * self.cfg.num_hidden_layers)]
         decode = {"token": spec.Tensor([1], "int32"), "pos": spec.Tensor([1], "int32"), "caches": caches}
-        if self.fused_allreduce:   # each GPU's buffer and flag words, then its peers' (rank-relative)
-            n, h = self.shards, self.cfg.hidden_size
-            decode["comm"] = [spec.Tensor([2, h], "float16")] * n + [spec.Tensor([n], "int32")] * n
-        mod, params = self.export_tvm(spec={"decode": decode, **self.prefill_specs(caches)})
+        steps = {"decode": decode}
+        if self.fused_allreduce:   # the regions of each GPU's peer-visible buffer (rank-relative)
+            steps["decode_nccl"] = dict(decode)   # the fallback where peers cannot reach each other
+            decode["comm"] = [spec.Tensor(list(shape), dtype)
+                              for _, shape, dtype in comm_regions(self.cfg.hidden_size, self.shards)
+                              for _ in range(self.shards)]
+        mod, params = self.export_tvm(spec={**steps, **self.prefill_specs(caches)})
         # Relax's CUDA-graph rewrite captures only what depends on arguments past `num_input`
         # (the weights). The runtime passes the very same token, position and cache tensors on
         # every step, so they are as fixed as the weights: count them in, and one graph holds
         # the whole step instead of pieces between the attention kernels.
-        mod["decode"] = mod["decode"].with_attr("num_input", 0)
+        for name in steps:
+            mod[name] = mod[name].with_attr("num_input", 0)
         self.prefill_in_one_graph(mod)
         return mod, params

@@ -13,11 +13,20 @@ is the GPU p ranks after this one, position 0 this GPU. Flag word p of a GPU is 
 GPU p ranks before it; word 0 is its round counter. Two slots suffice: a GPU cannot start round
 r+2 before every peer has arrived at round r+1, and so has finished reading round r.
 
-The barrier uses CUDA's atomicExch / atomicAdd / __threadfence_system through extern calls, so
-the GPU schedule is for NVIDIA only (ROCm builds keep RCCL). The CPU schedule is the same
-arithmetic without a barrier (one process has no peers), for numerics checks. One-shot only: at
-batch 1 a message is H fp16 values (16 KB at H=8192), where a two-shot reduce-scatter + gather
-would add a second barrier for nothing."""
+Two protocols (knob "protocol"):
+- "flag": as above. The barrier uses atomicExch / atomicAdd / __threadfence_system; then the
+  peers' slots are read over NVLink. Two NVLink latencies: the flag, then the read.
+- "ll" (low latency, as NCCL's LL protocol): each GPU writes its partial straight into every
+  peer's buffer as 8-byte lines {two fp16 values, round r}, and each GPU waits on its own
+  buffer until every line it expects carries round r. An 8-byte store lands whole, so data
+  and flag arrive together: one one-way NVLink latency, no fence, no separate barrier. A line
+  in slot r % 2 is rewritten only at round r + 2, after its reader has finished round r + 1.
+
+The GPU schedule is for NVIDIA only (ROCm builds keep RCCL): extern CUDA calls and PTX. The CPU
+schedule is the same arithmetic without waiting (one process has no peers), for numerics
+checks. One-shot only: at batch 1 a message is H fp16 values (16 KB at H=8192), where a two-shot
+reduce-scatter + gather would add a second barrier for nothing.
+"""
 from __future__ import annotations
 
 from contextlib import ExitStack
@@ -25,18 +34,56 @@ from contextlib import ExitStack
 import numpy as np
 
 from . import register
+from .cuda_helpers import register_cuda_helper
 from .rms_norm import EPS
 from .template import Template, target_is_gpu
 
 READY = 1 << 30   # flag value that lets a single-GPU run (tests, timing) pass the barrier at once
 
 
-def _kernel(N: int, H: int, threads: int, gpu: bool):
+def comm_regions(H: int, N: int) -> list[tuple[int, tuple, str]]:
+    """One GPU's peer-visible allocation: (byte offset, shape, dtype) of the slots of the "flag"
+    protocol, its flag words (word 0: this GPU's round counter), and the lines of "ll"
+    (slot, sender position, pair of values, {data, round}). The kernel takes each region of
+    every GPU, region by region, rank-relative."""
+    regions, at = [], 0
+    for shape, dtype, size in (((2, H), "float16", 2), ((N,), "int32", 4), ((2, N, H // 2, 2), "int32", 4)):
+        regions.append((at, shape, dtype))
+        at += -(-int(np.prod(shape)) * size // 256) * 256
+    return regions
+
+
+def comm_bytes(H: int, N: int) -> int:
+    at, shape, dtype = comm_regions(H, N)[-1]
+    return at + int(np.prod(shape)) * 4
+
+
+# Device helpers for "ll", put into the generated CUDA (kernels/cuda_helpers.py).
+ST_LL_CUDA = r"""
+__device__ __forceinline__ int st_ll_store(int* line, int data, int round) {
+  asm volatile("st.volatile.global.v2.u32 [%0], {%1, %2};" :: "l"(line), "r"(data), "r"(round) : "memory");
+  return 0;
+}
+__device__ __forceinline__ int st_ll_wait(const int* line, int round) {  // the data word, once it is there
+  int data, seen;
+  do {
+    asm volatile("ld.volatile.global.v2.u32 {%0, %1}, [%2];" : "=r"(data), "=r"(seen) : "l"(line) : "memory");
+  } while (seen < round);
+  return data;
+}
+"""
+register_cuda_helper("st_ll_store", ST_LL_CUDA)
+register_cuda_helper("st_ll_wait", ST_LL_CUDA)
+
+
+def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool):
     import tvm
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     f32, f16 = "float32", "float16"
+    per = H // threads           # elements per thread: chunks of `vec` contiguous values
+    chunks = per // vec
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name("main")
@@ -45,7 +92,9 @@ def _kernel(N: int, H: int, threads: int, gpu: bool):
             residual = T.arg("residual", T.buffer((1, H), f16))
             weight = T.arg("weight", T.buffer((H,), f16))
             comm = [T.arg(f"comm_{p}", T.buffer((2, H), f16)) for p in range(N)]
-            flags = [T.arg(f"flags_{p}", T.buffer((N,), "int32")) for p in range(N)]
+            # offset_factor: the flag words sit after the slots in one allocation (a view with an offset)
+            flags = [T.arg(f"flags_{p}", T.buffer((N,), "int32", offset_factor=1)) for p in range(N)]
+            lines = [T.arg(f"lines_{p}", T.buffer((2, N, H // 2, 2), "int32", offset_factor=1)) for p in range(N)]
             y = T.arg("y", T.buffer((1, H), f16))
             h = T.arg("h", T.buffer((1, H), f16))
             launch = ExitStack()
@@ -54,55 +103,97 @@ def _kernel(N: int, H: int, threads: int, gpu: bool):
                 tx = T.env_thread("threadIdx.x")
                 launch.enter_context(T.launch_thread(tx, threads))
             else:
-                tx, threads = 0, 1
-            per = H // threads
+                tx = 0
+            unroll = T.unroll if gpu else T.serial   # registers on the GPU; a CPU needs no unrolling
+
+            def copy(dst, dst_index, src, src_index):
+                """Element k of this thread's chunks: `vec` contiguous values, one (16-byte) load.
+                Only copies are vectorized (TVM's CUDA codegen cannot broadcast float x8)."""
+                with unroll(0, chunks) as c:
+                    with (T.vectorized(0, vec) if gpu else T.serial(0, vec)) as j:
+                        k, i = (c * threads + tx) * vec + j, c * vec + j
+                        T.buffer_store(dst, src[src_index(k, i)], dst_index(k, i))
+
             rnd = T.alloc_buffer((1,), "int32", scope="local")
+            xs = T.alloc_buffer((N + 2, per), f16, scope="local")   # partials (own, peers'), residual, weight
+            words = T.decl_buffer((N + 2, per // 2), "int32", data=xs.data)   # the same, two values a word
             hv = T.alloc_buffer((per,), f32, scope="local")
+            out = T.alloc_buffer((per,), f16, scope="local")
             ssq = T.alloc_buffer((1,), f32, scope="local")
             T.buffer_store(rnd, flags[0][0] + 1, [0])
             slot = rnd[0] % 2
-            with T.serial(0, per) as i:   # thread tx owns elements tx, tx + threads, ...
-                T.buffer_store(comm[0], partial[0, i * threads + tx], [slot, i * threads + tx])
-            if gpu and N > 1:
-                T.evaluate(T.tvm_storage_sync("shared"))   # the block's copies are done
-                with T.If(tx == 0):
-                    with T.Then():
-                        T.evaluate(T.call_extern("int32", "__threadfence_system"))   # ... and visible
-                        for p in range(1, N):
-                            T.evaluate(T.call_extern("int32", "atomicExch", T.address_of(flags[p][p]), rnd[0]))
-                        for p in range(1, N):
-                            with T.While(T.call_extern("int32", "atomicAdd", T.address_of(flags[0][p]), 0) < rnd[0]):
-                                T.evaluate(0)
-                        T.evaluate(T.call_extern("int32", "__threadfence"))
-                T.evaluate(T.tvm_storage_sync("shared"))
-            T.buffer_store(ssq, T.float32(0), [0])
-            with T.serial(0, per) as i:
-                k = i * threads + tx
-                total = T.Cast(f32, partial[0, k])
+            copy(xs, lambda k, i: [0, i], partial, lambda k, i: (0, k))
+            copy(xs, lambda k, i: [N, i], residual, lambda k, i: (0, k))
+            copy(xs, lambda k, i: [N + 1, i], weight, lambda k, i: (k,))
+            if protocol == "ll":
+                def lines_of_mine(body):   # body(q, g): this thread's word q is line g of the vector
+                    with unroll(0, chunks) as c:
+                        with unroll(0, vec // 2) as jp:
+                            body(c * (vec // 2) + jp, (c * threads + tx) * (vec // 2) + jp)
+
+                def send(q, g):   # into every peer's buffer, at the position it sees this GPU in
+                    for p in range(1, N):
+                        line = lines[p]
+                        if gpu:
+                            T.evaluate(T.call_extern("int32", "st_ll_store", T.address_of(line[slot, N - p, g, 0]),
+                                                     words[0, q], rnd[0]))
+                        else:
+                            T.buffer_store(line, words[0, q], [slot, N - p, g, 0])
+                            T.buffer_store(line, rnd[0], [slot, N - p, g, 1])
+
+                def receive(q, g):   # every peer's line g, once it carries this round
+                    for p in range(1, N):
+                        data = (T.call_extern("int32", "st_ll_wait", T.address_of(lines[0][slot, p, g, 0]), rnd[0])
+                                if gpu else lines[0][slot, p, g, 0])
+                        T.buffer_store(words, data, [p, q])
+                lines_of_mine(send)
+                lines_of_mine(receive)
+            else:
+                copy(comm[0], lambda k, i: [slot, k], xs, lambda k, i: (0, i))
+                if gpu and N > 1:
+                    T.evaluate(T.tvm_storage_sync("shared"))   # the block's copies are done
+                    with T.If(tx == 0):
+                        with T.Then():
+                            T.evaluate(T.call_extern("int32", "__threadfence_system"))   # ... and visible
+                            for p in range(1, N):
+                                T.evaluate(T.call_extern("int32", "atomicExch", T.address_of(flags[p][p]), rnd[0]))
+                            for p in range(1, N):
+                                with T.While(T.call_extern("int32", "atomicAdd", T.address_of(flags[0][p]), 0)
+                                             < rnd[0]):
+                                    T.evaluate(0)
+                            T.evaluate(T.call_extern("int32", "__threadfence"))
+                    T.evaluate(T.tvm_storage_sync("shared"))
+                # Every peer load first, with no store between them: all are in flight at once, so
+                # the NVLink round trip is paid once, not once per element.
                 for p in range(1, N):
-                    total = total + T.Cast(f32, comm[p][slot, k])
-                hk = T.Cast(f16, T.Cast(f32, T.Cast(f16, total)) + T.Cast(f32, residual[0, k]))
-                T.buffer_store(h, hk, [0, k])
+                    copy(xs, lambda k, i, p=p: [p, i], comm[p], lambda k, i: (slot, k))
+            T.buffer_store(ssq, T.float32(0), [0])
+            with unroll(0, per) as i:
+                total = T.Cast(f32, xs[0, i])
+                for p in range(1, N):
+                    total = total + T.Cast(f32, xs[p, i])
+                hk = T.Cast(f16, T.Cast(f32, T.Cast(f16, total)) + T.Cast(f32, xs[N, i]))
+                T.buffer_store(out, hk, [i])
                 T.buffer_store(hv, T.Cast(f32, hk), [i])
                 T.buffer_store(ssq, ssq[0] + T.Cast(f32, hk) * T.Cast(f32, hk), [0])
-            if gpu:   # block-wide sum of squares: a tree over shared memory
-                red = T.alloc_buffer((threads,), f32, scope="shared")
-                T.buffer_store(red, ssq[0], [tx])
+            copy(h, lambda k, i: [0, k], out, lambda k, i: (i,))
+            if gpu:   # block-wide sum of squares: within each warp by shuffles, then across warps
+                for offset in (16, 8, 4, 2, 1):
+                    T.buffer_store(ssq, ssq[0] + T.call_extern(f32, "__shfl_down_sync", T.uint32(0xFFFFFFFF),
+                                                               ssq[0], offset), [0])
+                warps = max(threads // 32, 1)
+                red = T.alloc_buffer((warps,), f32, scope="shared")
+                with T.If(tx % 32 == 0):
+                    with T.Then():
+                        T.buffer_store(red, ssq[0], [tx // 32])
                 T.evaluate(T.tvm_storage_sync("shared"))
-                stride = threads // 2
-                while stride >= 1:
-                    with T.If(tx < stride):
-                        with T.Then():
-                            T.buffer_store(red, red[tx] + red[tx + stride], [tx])
-                    T.evaluate(T.tvm_storage_sync("shared"))
-                    stride //= 2
-                total_ssq = red[0]
-            else:
-                total_ssq = ssq[0]
-            inv = T.rsqrt(total_ssq / T.float32(H) + T.float32(EPS))
-            with T.serial(0, per) as i:
-                k = i * threads + tx
-                T.buffer_store(y, T.Cast(f16, hv[i] * inv * T.Cast(f32, weight[k])), [0, k])
+                T.buffer_store(ssq, T.float32(0), [0])
+                with T.serial(0, warps) as w:
+                    T.buffer_store(ssq, ssq[0] + red[w], [0])
+            inv = T.rsqrt(ssq[0] / T.float32(H) + T.float32(EPS))
+            with unroll(0, per) as i:
+                T.buffer_store(out, T.Cast(f16, hv[i] * inv * T.Cast(f32, xs[N + 1, i])), [i])
+            copy(y, lambda k, i: [0, k], out, lambda k, i: (i,))
             if gpu:
                 T.evaluate(T.tvm_storage_sync("shared"))   # everyone has read the counter
                 with T.If(tx == 0):
@@ -118,59 +209,70 @@ def _kernel(N: int, H: int, threads: int, gpu: bool):
 class AllReduceAddNorm(Template):
     name = "allreduce_add_norm"
     dlight_baseline = False
-    gpu_knobs = {"threads": [128, 256, 512, 1024]}   # one block; each thread owns H / threads values
-    cpu_knobs = {}
+    gpu_knobs = {
+        "threads": [128, 256, 512, 1024],   # one block; each thread owns H / threads values ...
+        "vec": [1, 2, 4, 8],                # ... in chunks of `vec` contiguous fp16 (8: one 16-byte load)
+        "protocol": ["flag", "ll"],         # flag barrier then NVLink reads, or data+flag lines pushed
+    }
+    cpu_knobs = {"protocol": ["flag", "ll"]}   # the same arithmetic; checks both buffer layouts
     tolerance = 2e-3
 
     def output_specs(self, wl):
         return [((1, wl["H"]), "float16")] * 2   # y, h
 
     def compute(self, wl):
-        return _kernel(wl["shards"], wl["H"], 1, gpu=False)
+        return _kernel(wl["shards"], wl["H"], 1, 2, "flag", gpu=False)
 
     def check(self, wl, knobs, target):
         if wl.get("batch", 1) != 1:
             return "batch 1 only"
         if target_is_gpu(target):
             if target.kind.name != "cuda":
-                return "the flag barrier is CUDA-only"
-            if wl["H"] % knobs["threads"]:
-                return "threads must divide H"
+                return "the peer barrier is CUDA-only"
+            if wl["H"] % (knobs["threads"] * knobs["vec"]):
+                return "threads * vec must divide H"
+            if knobs["protocol"] == "ll" and knobs["vec"] < 2:
+                return "ll sends two values a line: vec >= 2"
         return None
 
     def default_knobs(self, wl, target):
         if not target_is_gpu(target):
-            return {}
-        for threads in (1024, 512, 256, 128):
-            if wl["H"] % threads == 0:
-                return {"threads": threads}
+            return {"protocol": "flag"}
+        for vec in (8, 4, 2):
+            for threads in (1024, 512, 256, 128):
+                if wl["H"] % (threads * vec) == 0:
+                    return {"threads": threads, "vec": vec, "protocol": "ll"}
         raise ValueError(f"{self.name}: no valid knobs for {wl}")
 
     def schedule(self, wl, knobs, target):
         import tvm
 
         gpu = target_is_gpu(target)
-        func = _kernel(wl["shards"], wl["H"], knobs["threads"] if gpu else 1, gpu)
-        return tvm.IRModule({"main": func})
+        threads, vec = (knobs["threads"], knobs["vec"]) if gpu else (1, 2)
+        return tvm.IRModule({"main": _kernel(wl["shards"], wl["H"], threads, vec, knobs["protocol"], gpu)})
 
     def inputs(self, wl, rng):
-        """One GPU standing in for all: the peers' slot of round 1 holds their partials and
-        this GPU's flags say every peer is ready."""
+        """One GPU standing in for all: the peers' partials wait in round 1's slot (flag) and
+        lines (ll), and every flag says ready."""
         N, H = wl["shards"], wl["H"]
         partial = rng.standard_normal((1, H)).astype(np.float16)
         residual = rng.standard_normal((1, H)).astype(np.float16)
         weight = (1 + 0.1 * rng.standard_normal(H)).astype(np.float16)
         comm = [np.zeros((2, H), np.float16) for _ in range(N)]
+        lines = [np.zeros((2, N, H // 2, 2), np.int32) for _ in range(N)]
         for p in range(1, N):
-            comm[p][1] = rng.standard_normal(H).astype(np.float16)
+            peer = rng.standard_normal(H).astype(np.float16)
+            comm[p][1] = peer
+            lines[0][1, p, :, 0] = peer.view(np.int32)
+            lines[0][1, p, :, 1] = READY
         flags = [np.zeros(N, np.int32) for _ in range(N)]
         flags[0][1:] = READY
         out = [np.zeros((1, H), np.float16), np.zeros((1, H), np.float16)]
-        return [partial, residual, weight, *comm, *flags, *out]
+        return [partial, residual, weight, *comm, *flags, *lines, *out]
 
     def reference(self, inputs):
         partial, residual, weight = inputs[:3]
-        N = (len(inputs) - 5) // 2
+        N = (len(inputs) - 5) // 3
         comm = inputs[3:3 + N]
         rnd = int(inputs[3 + N][0]) + 1
         x = partial[0].astype(np.float32) + sum(c[rnd % 2].astype(np.float32) for c in comm[1:])

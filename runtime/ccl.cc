@@ -56,6 +56,23 @@ using stream_t = cudaStream_t;
 #define gpuIpcMemLazyEnablePeerAccess cudaIpcMemLazyEnablePeerAccess
 #define gpuDeviceCanAccessPeer cudaDeviceCanAccessPeer
 #define gpuGetDevice cudaGetDevice
+#define gpuStreamNonBlocking cudaStreamNonBlocking
+#define gpuStreamCreateWithFlags cudaStreamCreateWithFlags
+#define gpuStreamBeginCapture cudaStreamBeginCapture
+#define gpuStreamCaptureModeThreadLocal cudaStreamCaptureModeThreadLocal
+#define gpuStreamEndCapture cudaStreamEndCapture
+using graph_t = cudaGraph_t;
+using graph_exec_t = cudaGraphExec_t;
+using event_t = cudaEvent_t;
+#define gpuGraphInstantiate(e, g) cudaGraphInstantiate(e, g, 0)
+#define gpuGraphLaunch cudaGraphLaunch
+#define gpuGraphExecDestroy cudaGraphExecDestroy
+#define gpuGraphDestroy cudaGraphDestroy
+#define gpuEventCreate cudaEventCreate
+#define gpuEventRecord cudaEventRecord
+#define gpuEventSynchronize cudaEventSynchronize
+#define gpuEventElapsedTime cudaEventElapsedTime
+#define gpuEventDestroy cudaEventDestroy
 #endif
 
 namespace shardtune {
@@ -281,6 +298,48 @@ bool CanAccessPeer(int device, int peer) {
   return ok != 0;
 }
 
+// --- timing short kernels without launch gaps -------------------------------------------------
+// Seconds per replay of a GPU graph captured from `body()`: whatever TVM kernels and collectives
+// body launches on the current device, recorded once on a capture stream set as TVM's current
+// stream, then replayed `reps` times between two events. Kernels of a few microseconds, timed
+// one Python call at a time, would measure the launch path instead.
+double GraphSeconds(tvm::ffi::Function body, int64_t reps) {
+  DLDevice dev = CurrentDevice();
+  stream_t stream;
+  GPU(gpuStreamCreateWithFlags(&stream, gpuStreamNonBlocking));
+  TVMFFIStreamHandle previous = nullptr;
+  TVMFFIEnvSetStream(DEVICE_TYPE, dev.device_id, stream, &previous);
+  GPU(gpuStreamBeginCapture(stream, gpuStreamCaptureModeThreadLocal));
+  graph_t graph = nullptr;
+  try {
+    body();
+  } catch (...) {
+    gpuStreamEndCapture(stream, &graph);
+    TVMFFIEnvSetStream(DEVICE_TYPE, dev.device_id, previous, nullptr);
+    throw;
+  }
+  GPU(gpuStreamEndCapture(stream, &graph));
+  TVMFFIEnvSetStream(DEVICE_TYPE, dev.device_id, previous, nullptr);
+  graph_exec_t exec;
+  GPU(gpuGraphInstantiate(&exec, graph));
+  event_t start, stop;
+  GPU(gpuEventCreate(&start));
+  GPU(gpuEventCreate(&stop));
+  GPU(gpuGraphLaunch(exec, stream));   // warm-up
+  GPU(gpuEventRecord(start, stream));
+  for (int64_t i = 0; i < reps; ++i) GPU(gpuGraphLaunch(exec, stream));
+  GPU(gpuEventRecord(stop, stream));
+  GPU(gpuEventSynchronize(stop));
+  float ms = 0;
+  GPU(gpuEventElapsedTime(&ms, start, stop));
+  gpuEventDestroy(start);
+  gpuEventDestroy(stop);
+  gpuGraphExecDestroy(exec);
+  gpuGraphDestroy(graph);
+  gpuStreamDestroy(stream);
+  return ms / 1e3 / static_cast<double>(reps);
+}
+
 #define FN(name) "runtime.disco." CCL_NAME "." name
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
@@ -304,7 +363,8 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("shardtune.ipc.alloc", IpcAlloc)
       .def("shardtune.ipc.handle", IpcHandle)
       .def("shardtune.ipc.open", IpcOpen)
-      .def("shardtune.ipc.can_access_peer", CanAccessPeer);
+      .def("shardtune.ipc.can_access_peer", CanAccessPeer)
+      .def("shardtune.graph.seconds", GraphSeconds);
 }
 
 }  // namespace shardtune

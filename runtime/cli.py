@@ -28,6 +28,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-len", type=int, default=256)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", metavar="FILE", help="also write the result(s) as JSON")
+    p.add_argument("--allreduce", choices=["nccl"],
+                   help="run a fused-all-reduce build through NCCL instead (to compare the two on the same weights)")
     p.add_argument("--scaling", action="store_true",
                    help="bench each build (or read its JSON) and compare tok/s across GPU counts")
     p.add_argument("--plot", metavar="PNG", help="with --scaling: draw tok/s against GPUs (needs matplotlib)")
@@ -77,11 +79,12 @@ def run_generate(args) -> int:
 def _bench_one(path: str, args) -> dict:
     from .engine import load
 
-    model = load(path)
+    model = load(path, allreduce=args.allreduce)
     result = model.bench(prompt_len=args.prompt_len, gen_len=args.gen_len, repeat=args.repeat)
     model.close()
     result["command"] = " ".join(["shardtune", *sys.argv[1:]]) if sys.argv else ""
-    print(f"{result['model']} {result['quant']} x{result['shards']} on {result['device']}: "
+    print(f"{result['model']} {result['quant']} x{result['shards']}"
+          f"{' (' + result['allreduce'] + ')' if result.get('allreduce') else ''} on {result['device']}: "
           f"{result['decode_tok_s']:.1f} tok/s decode ({result['roofline_fraction']:.0%} of the roofline at "
           f"{result['copy_gbps']:.0f} GB/s), prefill {result['prompt_len']} "
           f"tokens in {result['prefill_ms']:.1f} ms ({result.get('prefill', 'token by token')}), {result['gpu_memory_bytes'] / 2**30:.2f} GiB", flush=True)

@@ -47,35 +47,32 @@ def _open(path: str, seed: int) -> int:
     return rank
 
 
-def comm_layout(hidden: int, shards: int) -> tuple[int, int]:
-    """(byte offset of the flag words, bytes) of one GPU's buffer for the fused all-reduce:
-    two slots of `hidden` fp16 values, then one int32 flag word per GPU."""
-    flags_at = -(-2 * hidden * 2 // 256) * 256
-    return flags_at, flags_at + 4 * shards
-
-
 @register_global_func("shardtune.shard.comm_create", override=True)
 @_guard
-def _comm_create() -> str:
+def _comm_create(hidden: int, shards: int) -> str:
     """Allocate this GPU's peer-visible buffer; its IPC handle, hex, for the controller to share."""
-    m = _shard["model"]
-    _, nbytes = comm_layout(m.cfg.hidden_size, m.conf["shards"])
-    _shard["comm_own"] = get_global_func("shardtune.ipc.alloc")(nbytes)
+    from ..kernels.allreduce_add_norm import comm_bytes
+
+    _shard["comm_own"] = get_global_func("shardtune.ipc.alloc")(comm_bytes(hidden, shards))
     return bytes(get_global_func("shardtune.ipc.handle")(_shard["comm_own"])).hex()
 
 
 @register_global_func("shardtune.shard.comm_open", override=True)
 @_guard
-def _comm_open(handles: str) -> int:
-    """Map every peer's buffer and hand the model its views, rank-relative: position p is the GPU
-    p ranks after this one (kernels/allreduce_add_norm.py)."""
-    m = _shard["model"]
-    n, hidden, rank = m.conf["shards"], m.cfg.hidden_size, m.shard
-    flags_at, nbytes = comm_layout(hidden, n)
+def _comm_open(handles: str, hidden: int, shards: int) -> int:
+    """Map every peer's buffer; the views (each region of every GPU, rank-relative: position p
+    is the GPU p ranks after this one, kernels/allreduce_add_norm.py) go to the model if one is
+    loaded."""
+    from ..kernels.allreduce_add_norm import comm_bytes, comm_regions
+
+    n, rank = shards, int(get_global_func("runtime.disco.worker_id")()[0])
     hexes, ipc_open = handles.split(","), get_global_func("shardtune.ipc.open")
+    nbytes = comm_bytes(hidden, n)
     opened = [_shard["comm_own"]] + [ipc_open(bytes.fromhex(hexes[(rank + p) % n]), nbytes) for p in range(1, n)]
-    m.comm = ([b._create_view((2, hidden), "float16") for b in opened]
-              + [b._create_view((n,), "int32", flags_at) for b in opened])
+    _shard["comm"] = [b._create_view(shape, dtype, at) for at, shape, dtype in comm_regions(hidden, n)
+                      for b in opened]
+    if "model" in _shard:
+        _shard["model"].comm = _shard["comm"]
     return n
 
 
@@ -123,6 +120,56 @@ def _time_allreduce(numel: int, dtype: str, iters: int) -> float:
         allreduce(x, Shape([0]), True, y)
     dev.sync()
     return (time.perf_counter() - t0) / iters
+
+
+@register_global_func("shardtune.shard.time_reduce_norm", override=True)
+@_guard
+def _time_reduce_norm(hidden: int, iters: int, reps: int) -> str:
+    """The fused all-reduce + add + RMSNorm against an NCCL all-reduce followed by the add+norm
+    kernel, on this worker's GPU while every other worker does the same (comm_open first). Each
+    variant at every valid knob, as GPU graphs of `iters` calls replayed `reps` times: JSON
+    {variant: {knobs: seconds per call}}, plus the all-reduce and the add+norm alone."""
+    import itertools
+    import json
+
+    import numpy as np
+    from tvm_ffi import Shape
+
+    from ..kernels import get_template
+    from ..tuner.targets import get_arch, local_gpu_arch
+
+    n = len(_shard["comm"]) // 3
+    dev = get_global_func("runtime.disco.device")()
+    target = tvm.target.Target(get_arch(local_gpu_arch()).target)
+    rng = np.random.default_rng(int(get_global_func("runtime.disco.worker_id")()[0]))
+    partial, residual, xsum, y, h = (tvm.runtime.tensor(rng.standard_normal((1, hidden)).astype("float16"), dev)
+                                     for _ in range(5))
+    weight = tvm.runtime.tensor(np.ones(hidden, "float16"), dev)
+    allreduce = get_global_func("runtime.disco.allreduce")
+    graph_seconds = get_global_func("shardtune.graph.seconds")
+
+    def timed(call) -> float:
+        call()   # loads the module outside the capture
+        dev.sync()
+        return graph_seconds(lambda: [call() for _ in range(iters)], reps) / iters
+
+    def kernels(name, wl):
+        tpl = get_template(name)
+        space = tpl.space_for(target)
+        for values in itertools.product(*space.values()):
+            knobs = dict(zip(space, values))
+            if tpl.check(wl, knobs, target) is None:
+                yield json.dumps(knobs, sort_keys=True), tvm.compile(tpl.schedule(wl, knobs, target), target=target)["main"]
+
+    out = {"allreduce": {"": timed(lambda: allreduce(partial, Shape([0]), True, xsum))},
+           "add_norm": {}, "nccl_add_norm": {}, "fused_flag": {}, "fused_ll": {}}
+    for key, f in kernels("add_rms_norm", {"H": hidden, "batch": 1}):
+        out["add_norm"][key] = timed(lambda: f(xsum, residual, weight, y, h))
+        out["nccl_add_norm"][key] = timed(lambda: (allreduce(partial, Shape([0]), True, xsum),
+                                                   f(xsum, residual, weight, y, h)))
+    for key, f in kernels("allreduce_add_norm", {"H": hidden, "shards": n, "batch": 1}):
+        out["fused_" + json.loads(key)["protocol"]][key] = timed(lambda: f(partial, residual, weight, *_shard["comm"], y, h))
+    return json.dumps(out)
 
 
 @register_global_func("shardtune.shard.reset", override=True)

@@ -137,8 +137,11 @@ class Model:
         """One decode step; the logits [1, V] stay on the device."""
         self.token.copyfrom(np.array([token], np.int32))
         self.pos.copyfrom(np.array([pos], np.int32))
-        extra = (self.comm,) if self.comm else ()
-        logits, _ = self.vm["decode"](self.token, self.pos, self.caches, *extra, *self.params)
+        if self.comm:
+            logits, _ = self.vm["decode"](self.token, self.pos, self.caches, self.comm, *self.params)
+        else:   # a fused build whose GPUs cannot reach each other's memory runs its NCCL variant
+            step = "decode_nccl" if self.conf.get("allreduce") == "fused" else "decode"
+            logits, _ = self.vm[step](self.token, self.pos, self.caches, *self.params)
         return logits
 
     def run_prefill(self, tokens, pos: int):
@@ -259,7 +262,7 @@ class Model:
         tok_s = float(np.median(decode))
         return {
             "model": self.cfg.name, "quant": self.conf["quant"], "shards": self.conf["shards"],
-            "allreduce": self.conf.get("allreduce"),
+            "allreduce": getattr(self, "allreduce_used", self.conf.get("allreduce")),
             "arch": self.conf["arch"], "device": self.device_name(), "prompt_len": prompt_len,
             "gen_len": gen_len, "repeat": repeat, "decode_tok_s": tok_s, "decode_tok_s_runs": decode,
             "prefill_ms": float(np.median(prefill)) * 1e3,
@@ -300,10 +303,11 @@ def _memory_used(model: Model) -> int:
     return int(params + cache["count"] * int(np.prod(cache["shape"])) * np.dtype(cache["dtype"]).itemsize)
 
 
-def load(path: str, seed: int = 0) -> Model:
-    """The model in `path` on as many GPUs as it has shards."""
+def load(path: str, seed: int = 0, allreduce: str | None = None) -> Model:
+    """The model in `path` on as many GPUs as it has shards. `allreduce="nccl"` runs a fused
+    build's NCCL variant (to compare the two on the same weights)."""
     if read_config(path)["shards"] > 1:
         from .sharded import ShardedModel
 
-        return ShardedModel(path, seed)
+        return ShardedModel(path, seed, allreduce=allreduce)
     return Model(path, seed)

@@ -53,8 +53,15 @@ def start_session(n: int, device_type: str = "cuda"):
     return sess
 
 
+def connect_peers(call, hidden: int, shards: int) -> None:
+    """Every worker allocates its peer buffer; every worker maps all the others'."""
+    handles = call("shardtune.shard.comm_create", hidden, shards)
+    call("shardtune.shard.comm_open", ",".join(handles.debug_get_from_remote(w) for w in range(shards)),
+         hidden, shards)
+
+
 class ShardedModel(Model):
-    def __init__(self, path: str, seed: int = 0):
+    def __init__(self, path: str, seed: int = 0, allreduce: str | None = None):
         import tvm
 
         self._setup(path)
@@ -70,25 +77,32 @@ class ShardedModel(Model):
         self.dev = tvm.cuda(0) if device_type == "cuda" else tvm.rocm(0)
         self.sess = start_session(n, device_type)
         self._call("shardtune.shard.open", str(self.path), seed)
-        if self.conf.get("allreduce") == "fused":
+        if allreduce not in (None, "nccl", self.conf.get("allreduce")):
+            raise UserError(f"{path} was built with --allreduce {self.conf.get('allreduce')}: it can run "
+                            f"its all-reduce through nccl, not {allreduce}")
+        self.allreduce_used = self.conf.get("allreduce")
+        if self.allreduce_used == "fused" and allreduce != "nccl":
             self._connect_peers(device_type)
+        elif self.allreduce_used == "fused":
+            self.allreduce_used = "nccl"   # the workers' models have no peer buffers: decode_nccl
         self._step = self.sess.get_global_func("shardtune.shard.step")
         self._prefill = self.sess.get_global_func("shardtune.shard.prefill")
         self.logits = tvm.runtime.empty((1, self.cfg.vocab_size), "float32", tvm.cpu())
 
     def _connect_peers(self, device_type: str) -> None:
-        """The fused all-reduce reads the peers' memory: every pair of GPUs must reach each other."""
+        """The fused all-reduce reads the peers' memory: every pair of GPUs must reach each other.
+        Where one cannot, the build's NCCL variant of the decode step runs instead."""
         from tvm_ffi import get_global_func
 
         can = get_global_func("shardtune.ipc.can_access_peer")
-        for a in range(self.shards):
-            for b in range(self.shards):
-                if a != b and not can(a, b):
-                    raise UserError(f"{self.path} fuses the all-reduce over peer memory, but GPU {a} cannot "
-                                    f"reach GPU {b}'s: rebuild it with --allreduce nccl")
-        handles = self._call("shardtune.shard.comm_create")
-        joined = ",".join(handles.debug_get_from_remote(w) for w in range(self.shards))
-        self._call("shardtune.shard.comm_open", joined)
+        blocked = [(a, b) for a in range(self.shards) for b in range(self.shards) if a != b and not can(a, b)]
+        if blocked:
+            a, b = blocked[0]
+            print(f"note: GPU {a} cannot reach GPU {b}'s memory: the all-reduce runs through NCCL",
+                  file=sys.stderr)
+            self.allreduce_used = "nccl"
+            return
+        connect_peers(self._call, self.cfg.hidden_size, self.shards)
 
     def _call(self, name: str, *args):
         """Run a shardtune.shard.* function on every worker and wait; raise what any raised."""

@@ -2,8 +2,11 @@
 sharded builds that cannot run here, and the scaling report. The NCCL backend itself and
 the TP-vs-TP1 agreement are tests/gpu/test_sharded_gpu.py."""
 import json
+import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -106,9 +109,10 @@ def test_eight_shards_split_llama2_70b_and_sixteen_do_not():
         param_specs(cfg, "q4f16_1", 16)
 
 
+@pytest.mark.parametrize("protocol", ["flag", "ll"])
 @pytest.mark.parametrize("shards", [1, 2, 4, 8])
-def test_allreduce_add_norm_arithmetic_on_cpu(shards):
-    """The fused all-reduce + residual + RMSNorm, peers' partials in their round-1 slot."""
+def test_allreduce_add_norm_arithmetic_on_cpu(shards, protocol):
+    """The fused all-reduce + residual + RMSNorm, peers' partials waiting for round 1."""
     import numpy as np
     import tvm
 
@@ -119,15 +123,24 @@ def test_allreduce_add_norm_arithmetic_on_cpu(shards):
     wl = {"H": 512, "shards": shards, "batch": 1}
     inputs = tpl.inputs(wl, np.random.default_rng(shards))
     args = [tvm.runtime.tensor(a) for a in inputs]
-    tvm.compile(tpl.schedule(wl, tpl.default_knobs(wl, cpu), cpu), target=cpu)["main"](*args)
+    tvm.compile(tpl.schedule(wl, {"protocol": protocol}, cpu), target=cpu)["main"](*args)
     y_ref, h_ref = tpl.reference(inputs)
     np.testing.assert_array_equal(args[-1].numpy(), h_ref)
     np.testing.assert_allclose(args[-2].numpy().astype(np.float32), y_ref.astype(np.float32), atol=2e-3, rtol=2e-3)
     assert args[3 + shards].numpy()[0] == 1                                      # round counter moved on
-    np.testing.assert_array_equal(args[3].numpy()[1], inputs[0][0])             # own partial in slot 1
+    own = inputs[0][0]
+    if protocol == "flag":
+        np.testing.assert_array_equal(args[3].numpy()[1], own)                   # own partial in slot 1
+    for p in range(1, shards if protocol == "ll" else 1):   # ll: own partial pushed to every peer
+        line = args[3 + 2 * shards + p].numpy()[1, shards - p]                 # where peer p sees this GPU
+        np.testing.assert_array_equal(line[:, 0], own.view(np.int32))
+        assert (line[:, 1] == 1).all()
 
 
-def test_allreduce_add_norm_cuda_has_the_flag_barrier_and_rocm_is_refused():
+def test_allreduce_add_norm_cuda_has_the_barrier_and_rocm_is_refused():
+    import shutil
+    import subprocess
+
     import tvm
 
     from shardtune.kernels import get_template
@@ -136,19 +149,31 @@ def test_allreduce_add_norm_cuda_has_the_flag_barrier_and_rocm_is_refused():
     tpl = get_template("allreduce_add_norm")
     wl = {"H": 8192, "shards": 8, "batch": 1}
     cuda = target_of(get_arch("sm_90"))
-    for threads in tpl.gpu_knobs["threads"]:
-        ex = tvm.compile(tpl.schedule(wl, {"threads": threads}, cuda), target=cuda)
-    src = ex.mod.imports[0].inspect_source()
-    assert src.count("atomicExch") == 7 and "__threadfence_system()" in src   # one flag per peer
-    assert "the flag barrier is CUDA-only" == tpl.check(wl, {"threads": 256}, target_of(get_arch("gfx1100")))
+    sources = {}
+    for protocol in tpl.gpu_knobs["protocol"]:
+        ex = tvm.compile(tpl.schedule(wl, {"threads": 512, "vec": 8, "protocol": protocol}, cuda), target=cuda)
+        # the generated source after TVM's post-processing hook (which adds our helpers)
+        sources[protocol] = tvm.get_global_func("tvm_callback_cuda_postproc")(ex.mod.imports[0].inspect_source(), cuda)
+    flag, ll = sources["flag"], sources["ll"]
+    assert flag.count("atomicExch") == 7 and "__threadfence_system()" in flag   # one flag per peer
+    assert "st.volatile.global.v2.u32" in ll and ll.count("st_ll_store(") == 7 * 8 + 1   # 8 lines a thread
+    assert "the peer barrier is CUDA-only" == tpl.check(wl, {"threads": 256, "vec": 8, "protocol": "ll"},
+                                                        target_of(get_arch("gfx1100")))
+    if shutil.which("nvcc"):   # where a CUDA toolkit is installed: the code compiles
+        for protocol, src in sources.items():
+            cu = Path(tempfile.mkdtemp()) / f"{protocol}.cu"
+            cu.write_text(src)
+            res = subprocess.run(["nvcc", "-arch=sm_90", "-c", "-o", os.devnull, str(cu)], capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr[-2000:]
 
 
-def test_fused_allreduce_build_replaces_nccl_in_decode(tmp_path):
+def test_nvidia_tp_builds_fuse_the_allreduce_and_keep_an_nccl_decode(tmp_path):
     conf = shardtune.build(str(tmp_path / "fused"), model="tiny", random_weights=True, quant="q4f16_1", arch="sm_90",
-                           shards=2, capacity=64, prefill=(), allreduce="fused")
+                           shards=2, capacity=64, prefill=())   # allreduce "auto"
     sites = {k["site"]: k["template"] for k in conf["kernels"]}
     assert conf["allreduce"] == "fused" and sites["allreduce_norm"] == "allreduce_add_norm"
-    assert "add_norm" not in sites and conf["cuda_graphs"]["decode"] == 1
+    assert sites["add_norm"] == "add_rms_norm"   # decode_nccl's, for GPUs without peer access
+    assert conf["cuda_graphs"] == {"decode": 1, "decode_nccl": 1}
     for arch, shards in (("sm_90", 1), ("gfx1100", 2)):
         res = _cli("build", "--model", "tiny", "--random-weights", "--arch", arch, "--shards", str(shards),
                    "--allreduce", "fused", "-o", str(tmp_path / f"bad-{arch}"))

@@ -11,7 +11,7 @@ from ..plan import attention_lengths, decode_plan, kv_capacity
 
 KINDS = ("gemv", "norm", "attention", "allreduce")
 QUANTS = ("q4f16_1", "q0f16")
-# "allreduce": the fused all-reduce + add + RMSNorm of `build --allreduce fused` (shards > 1). One
+# "allreduce": the fused all-reduce + add + RMSNorm of sharded NVIDIA builds (shards > 1). One
 # GPU stands in for all when tuning it (the peers' flags preset): the barrier's cross-GPU wait is
 # not in the time, the rest of the kernel is.
 SITES = {"gemv": ("qkv", "o", "gate_up", "down", "lm_head"), "norm": ("norm", "add_norm"),

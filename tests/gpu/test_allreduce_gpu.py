@@ -1,6 +1,8 @@
 """The fused all-reduce + residual + RMSNorm on one GPU standing in for all (its flags say the
 peers are ready, their partials lie in its buffers): the arithmetic and the slot logic on the
 device. The cross-GPU barrier needs several GPUs: tests/gpu/test_sharded_gpu.py."""
+import itertools
+
 import numpy as np
 import pytest
 import tvm
@@ -15,7 +17,9 @@ def test_fused_allreduce_norm_matches_reference_on_gpu(shards):
     target = tvm.target.Target(get_arch(local_gpu_arch()).target)
     wl = {"H": 8192, "shards": shards, "batch": 1}
     inputs = tpl.inputs(wl, np.random.default_rng(0))
-    for knobs in ({"threads": t} for t in tpl.gpu_knobs["threads"]):
+    space = tpl.gpu_knobs
+    grid = [dict(zip(space, values)) for values in itertools.product(*space.values())]
+    for knobs in (k for k in grid if tpl.check(wl, k, target) is None):
         dev = tvm.cuda(0)
         args = [tvm.runtime.tensor(a, dev) for a in inputs]
         tvm.compile(tpl.schedule(wl, knobs, target), target=target)["main"](*args)

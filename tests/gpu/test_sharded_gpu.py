@@ -84,3 +84,18 @@ def test_sharded_matches_one_gpu(checkpoint, tmp_path, quant, shards, allreduce)
           f"{' (then a near-tie)' if agree < len(ref_ids) else ''}; first-step logit noise {noise / scale:.1e} of max")
     # logits compared only while both runs saw the same tokens
     assert np.abs(logits[:agree + 1] - ref_logits[:agree + 1]).max() < 1e-2 * scale
+
+
+def test_fused_build_runs_its_nccl_step_on_request(checkpoint, tmp_path):
+    """A fused build holds decode_nccl too (for GPUs without peer access): same weights, same ids."""
+    path = tmp_path / "fused"
+    shardtune.build(str(path), weights=str(checkpoint), quant="q0f16", arch=local_gpu_arch(), shards=2,
+                    capacity=256, prefill=())
+    runs = {}
+    for allreduce in (None, "nccl"):
+        model = shardtune.load(str(path), allreduce=allreduce)
+        runs[model.allreduce_used] = model.generate(PROMPT, max_new_tokens=16, return_logits=True, stop_at_eos=False)
+        model.close()
+    (ids_f, logits_f), (ids_n, logits_n) = runs["fused"], runs["nccl"]
+    assert ids_f == ids_n
+    assert np.abs(logits_f - logits_n).max() < 1e-2 * np.abs(logits_n).max()
