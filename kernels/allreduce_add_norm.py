@@ -238,7 +238,10 @@ class AllReduceAddNorm(Template):
     def default_knobs(self, wl, target):
         if not target_is_gpu(target):
             return {"protocol": "flag"}
-        for vec in (8, 4, 2):
+        # Measured on 2 x H100 (benchmarks/results/2026-11-26-fused/allreduce_fusion_tp2.json): ll
+        # with the most threads and two values a thread was best at hidden 4096 and 8192 (3.3 and
+        # 4.3 us); wider loads mean fewer lines in flight per thread and were slower.
+        for vec in (2, 4, 8):
             for threads in (1024, 512, 256, 128):
                 if wl["H"] % (threads * vec) == 0:
                     return {"threads": threads, "vec": vec, "protocol": "ll"}

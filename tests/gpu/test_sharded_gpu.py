@@ -50,8 +50,9 @@ def _generate(checkpoint, tmp_path, quant, shards, allreduce="nccl", n=64):
     if shards == 1 and quant in _one_gpu:
         return _one_gpu[quant]
     path = tmp_path / f"{quant}-tp{shards}-{allreduce}"
+    # one prefill bucket: every bucket is another set of kernels to compile (NVRTC, at load)
     shardtune.build(str(path), weights=str(checkpoint), quant=quant, arch=local_gpu_arch(), shards=shards,
-                    capacity=256, allreduce=allreduce if shards > 1 else "nccl")
+                    capacity=256, prefill=(16,), allreduce=allreduce if shards > 1 else "nccl")
     model = shardtune.load(str(path))
     out = model.generate(PROMPT, max_new_tokens=n, return_logits=True, stop_at_eos=False)
     model.close()
