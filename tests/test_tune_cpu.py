@@ -146,3 +146,19 @@ def test_missing_rocm_bitcode_is_one_line(tmp_path):
                        text=True, env=env, timeout=120)
     assert r.returncode == 2 and "ROCm device bitcode" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_trial_finished_by_another_tuner_is_left_as_it_is(tmp_path):
+    """Two tuners sharing a study can be handed the same enqueued trial: the second tell is a no-op."""
+    import optuna
+
+    from shardtune.tuner.search import _tell, open_study
+
+    path = str(tmp_path / "s.db")
+    mine, theirs = open_study(path, "k", 0), open_study(path, "k", 0)
+    mine.enqueue_trial({"x": 1})
+    trial = mine.ask({"x": optuna.distributions.CategoricalDistribution([1, 2])})
+    theirs.tell(trial.number, 2.0)
+    _tell(mine, trial, 1.0, runs=3)                      # would raise UpdateFinishedTrialError
+    (done,) = theirs.get_trials()
+    assert done.value == 2.0 and done.user_attrs == {}

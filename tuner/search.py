@@ -119,6 +119,17 @@ def _finished(study: optuna.Study) -> list[Trial]:
     return out
 
 
+def _tell(study: optuna.Study, trial, value=None, state=None, **attrs) -> None:
+    """Record a trial's outcome. Two `tune` processes sharing a study can both be handed the same
+    enqueued trial; whichever tells second finds it finished, and the first one's result stands."""
+    try:
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        study.tell(trial, value, state=state)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+
+
 def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int, deadline: float,
            warm_knobs: list[dict], seed: int, on_trial=lambda: None, builds_per_round: int = 4,
            proposals: int = 16) -> SearchResult:
@@ -141,7 +152,7 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
             key = tuple(sorted(t.params.items()))
             if key in tried or key in proposed or tpl.check(wl, t.params, target):
                 # Already measured, already proposed this round, or invalid (pruned before any build).
-                study.tell(t, state=optuna.trial.TrialState.PRUNED)
+                _tell(study, t, state=optuna.trial.TrialState.PRUNED)
                 continue
             proposed.add(key)
             asked.append(t)
@@ -153,7 +164,7 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
         order = model.rank(wl, cands)
         take = order[:min(builds_per_round, trials - res.spent)]
         for i in order[len(take):]:   # the cost model passed these over: no build
-            study.tell(asked[i], state=optuna.trial.TrialState.PRUNED)
+            _tell(study, asked[i], state=optuna.trial.TrialState.PRUNED)
         built = bench.build_many(tpl.name, wl, [cands[i] for i in take])
         # Measured together: with several (remote) devices, in parallel.
         ok = [path for path, _ in built if path is not None]
@@ -164,13 +175,10 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
                 m.source_sha = bench.source_sha.pop(path, "")
             t = asked[i]
             if m.ok:
-                for k, v in (("spread_us", m.spread_us), ("runs", m.runs), ("rel_error", m.rel_error),
-                             ("source_sha", m.source_sha)):
-                    t.set_user_attr(k, v)
-                study.tell(t, m.latency_us)
+                _tell(study, t, m.latency_us, spread_us=m.spread_us, runs=m.runs, rel_error=m.rel_error,
+                      source_sha=m.source_sha)
             else:
-                t.set_user_attr("error", m.error)
-                study.tell(t, state=optuna.trial.TrialState.FAIL)
+                _tell(study, t, state=optuna.trial.TrialState.FAIL, error=m.error)
             res.trials.append(Trial(cands[i], m))
             tried.add(tuple(sorted(cands[i].items())))
             res.spent += 1
