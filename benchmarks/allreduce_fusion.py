@@ -3,11 +3,12 @@ kernel, on N GPUs of this machine, in one run (issue 6's bar: fused <= 0.6x at h
 Every variant at every valid knob, each as GPU graphs of back-to-back calls; the best of each.
 Usage: python benchmarks/allreduce_fusion.py [--shards 2] [--hidden 8192] --json FILE"""
 import argparse
+import functools
 import json
 import sys
 import time
 
-from shardtune.runtime.sharded import connect_peers, start_session
+from shardtune.runtime.sharded import call_workers, connect_peers, start_session
 
 
 def main() -> int:
@@ -21,14 +22,7 @@ def main() -> int:
     import tvm
 
     sess = start_session(args.shards)
-
-    def call(name, *a):
-        out = sess.call_packed(sess.get_global_func(name), *a)
-        errors = sess.call_packed(sess.get_global_func("shardtune.shard.error"))
-        for w in range(args.shards):
-            if errors.debug_get_from_remote(w):
-                raise SystemExit(f"GPU {w}: {errors.debug_get_from_remote(w)}")
-        return out
+    call = functools.partial(call_workers, sess, args.shards)
 
     result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "device": f"{args.shards} x {tvm.cuda(0).device_name}", "shards": args.shards, "runs": []}

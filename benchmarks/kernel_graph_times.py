@@ -52,8 +52,8 @@ def main() -> int:
         sets = [[tvm.runtime.tensor(a, dev) for a in inputs] for _ in range(copies)]
         results = []
         for knobs in tpl.sample_knobs(wl, target, rng, args.knobs, first=[tpl.default_knobs(wl, target)]):
-            mod = tvm.compile(tpl.schedule(wl, knobs, target), target=target)
-            f = mod["main"]
+            ex = tvm.compile(tpl.schedule(wl, knobs, target), target=target)
+            f = ex["main"]
             rel = tpl.relative_error(inputs, lambda n: run_poisoned(f, sets[0], n, dev))
             if not np.isfinite(rel) or rel > tpl.tolerance:
                 results.append({"knobs": knobs, "error": f"relative error {rel:.3g}"})
@@ -62,7 +62,7 @@ def main() -> int:
                 f(*s)
             dev.sync()
             graph_us = graph_seconds(lambda: [f(*s) for s in sets], 10) / copies * 1e6
-            launch_us = float(np.median([mod.mod.time_evaluator("main", dev, number=1, repeat=1)(*s).mean
+            launch_us = float(np.median([ex.mod.time_evaluator("main", dev, number=1, repeat=1)(*s).mean
                                          for s in sets])) * 1e6
             results.append({"knobs": knobs, "graph_us": graph_us, "launch_us": launch_us, "rel_error": rel})
         good = [r for r in results if "graph_us" in r]

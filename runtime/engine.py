@@ -78,6 +78,7 @@ class Model:
         self.capacity = self.conf["capacity"]
         # prompt lengths the build has a prefill step for; (): prompts go token by token
         self.prefill_buckets = tuple(self.conf.get("prefill_buckets", ()))
+        self.allreduce_used = self.conf.get("allreduce")   # a sharded model may fall back to nccl
         self.tokenizer = self._load_tokenizer()
 
     def close(self) -> None:
@@ -262,7 +263,7 @@ class Model:
         tok_s = float(np.median(decode))
         return {
             "model": self.cfg.name, "quant": self.conf["quant"], "shards": self.conf["shards"],
-            "allreduce": getattr(self, "allreduce_used", self.conf.get("allreduce")),
+            "allreduce": self.allreduce_used,
             "arch": self.conf["arch"], "device": self.device_name(), "prompt_len": prompt_len,
             "gen_len": gen_len, "repeat": repeat, "decode_tok_s": tok_s, "decode_tok_s_runs": decode,
             "prefill_ms": float(np.median(prefill)) * 1e3,

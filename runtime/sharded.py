@@ -53,6 +53,17 @@ def start_session(n: int, device_type: str = "cuda"):
     return sess
 
 
+def call_workers(sess, shards: int, name: str, *args):
+    """Run a shardtune.shard.* function on every worker and wait; raise what any raised."""
+    out = sess.call_packed(sess.get_global_func(name), *args)
+    errors = sess.call_packed(sess.get_global_func("shardtune.shard.error"))
+    for w in range(shards):
+        msg = errors.debug_get_from_remote(w)
+        if msg:
+            raise UserError(f"GPU {w}: {msg}")
+    return out
+
+
 def connect_peers(call, hidden: int, shards: int) -> None:
     """Every worker allocates its peer buffer; every worker maps all the others'."""
     handles = call("shardtune.shard.comm_create", hidden, shards)
@@ -74,24 +85,23 @@ class ShardedModel(Model):
         have = visible_gpus(device_type)
         if have < n:
             raise UserError(f"{path} is sharded over {n} GPUs; {have} {device_type.upper()} GPU(s) visible here")
+        if allreduce not in (None, "nccl", self.allreduce_used):
+            raise UserError(f"{path} was built with --allreduce {self.allreduce_used}: it can run "
+                            f"its all-reduce through nccl, not {allreduce}")
         self.dev = tvm.cuda(0) if device_type == "cuda" else tvm.rocm(0)
         self.sess = start_session(n, device_type)
         self._call("shardtune.shard.open", str(self.path), seed)
-        if allreduce not in (None, "nccl", self.conf.get("allreduce")):
-            raise UserError(f"{path} was built with --allreduce {self.conf.get('allreduce')}: it can run "
-                            f"its all-reduce through nccl, not {allreduce}")
-        self.allreduce_used = self.conf.get("allreduce")
-        if self.allreduce_used == "fused" and allreduce != "nccl":
-            self._connect_peers(device_type)
-        elif self.allreduce_used == "fused":
-            self.allreduce_used = "nccl"   # the workers' models have no peer buffers: decode_nccl
+        if self.allreduce_used == "fused" and allreduce != "nccl" and self._peers_reach_each_other():
+            connect_peers(self._call, self.cfg.hidden_size, n)
+        else:
+            self.allreduce_used = "nccl"   # without peer buffers the workers run decode_nccl
         self._step = self.sess.get_global_func("shardtune.shard.step")
         self._prefill = self.sess.get_global_func("shardtune.shard.prefill")
         self.logits = tvm.runtime.empty((1, self.cfg.vocab_size), "float32", tvm.cpu())
 
-    def _connect_peers(self, device_type: str) -> None:
+    def _peers_reach_each_other(self) -> bool:
         """The fused all-reduce reads the peers' memory: every pair of GPUs must reach each other.
-        Where one cannot, the build's NCCL variant of the decode step runs instead."""
+        Where one cannot, the build's NCCL variant of the decode step runs instead (and we say so)."""
         from tvm_ffi import get_global_func
 
         can = get_global_func("shardtune.ipc.can_access_peer")
@@ -100,19 +110,10 @@ class ShardedModel(Model):
             a, b = blocked[0]
             print(f"note: GPU {a} cannot reach GPU {b}'s memory: the all-reduce runs through NCCL",
                   file=sys.stderr)
-            self.allreduce_used = "nccl"
-            return
-        connect_peers(self._call, self.cfg.hidden_size, self.shards)
+        return not blocked
 
     def _call(self, name: str, *args):
-        """Run a shardtune.shard.* function on every worker and wait; raise what any raised."""
-        out = self.sess.call_packed(self.sess.get_global_func(name), *args)
-        errors = self.sess.call_packed(self.sess.get_global_func("shardtune.shard.error"))
-        for w in range(self.shards):
-            msg = errors.debug_get_from_remote(w)
-            if msg:
-                raise UserError(f"GPU {w}: {msg}")
-        return out
+        return call_workers(self.sess, self.shards, name, *args)
 
     def run_step(self, token: int, pos: int):
         return self._logits_of(self.sess.call_packed(self._step, token, pos))
