@@ -13,6 +13,7 @@
 #include <tvm/runtime/disco/session.h>
 
 #include <cstring>
+#include <vector>
 
 #ifdef SHARDTUNE_RCCL
 #include <hip/hip_runtime.h>
@@ -299,11 +300,11 @@ bool CanAccessPeer(int device, int peer) {
 }
 
 // --- timing short kernels without launch gaps -------------------------------------------------
-// Seconds per replay of a GPU graph captured from `body()`: whatever TVM kernels and collectives
-// body launches on the current device, recorded once on a capture stream set as TVM's current
-// stream, then replayed `reps` times between two events. Kernels of a few microseconds, timed
-// one Python call at a time, would measure the launch path instead.
-double GraphSeconds(tvm::ffi::Function body, int64_t reps) {
+// Seconds of each of `reps` replays of a GPU graph captured from `body()`: whatever TVM kernels
+// and collectives body launches on the current device, recorded once on a capture stream set as
+// TVM's current stream, then replayed back to back, an event between replays. Kernels of a few
+// microseconds, timed one Python call at a time, would measure the launch path instead.
+tvm::ffi::Array<double> GraphReplaySeconds(tvm::ffi::Function body, int64_t reps) {
   DLDevice dev = CurrentDevice();
   stream_t stream;
   GPU(gpuStreamCreateWithFlags(&stream, gpuStreamNonBlocking));
@@ -322,22 +323,32 @@ double GraphSeconds(tvm::ffi::Function body, int64_t reps) {
   TVMFFIEnvSetStream(DEVICE_TYPE, dev.device_id, previous, nullptr);
   graph_exec_t exec;
   GPU(gpuGraphInstantiate(&exec, graph));
-  event_t start, stop;
-  GPU(gpuEventCreate(&start));
-  GPU(gpuEventCreate(&stop));
+  std::vector<event_t> events(reps + 1);
+  for (auto& e : events) GPU(gpuEventCreate(&e));
   GPU(gpuGraphLaunch(exec, stream));   // warm-up
-  GPU(gpuEventRecord(start, stream));
-  for (int64_t i = 0; i < reps; ++i) GPU(gpuGraphLaunch(exec, stream));
-  GPU(gpuEventRecord(stop, stream));
-  GPU(gpuEventSynchronize(stop));
-  float ms = 0;
-  GPU(gpuEventElapsedTime(&ms, start, stop));
-  gpuEventDestroy(start);
-  gpuEventDestroy(stop);
+  GPU(gpuEventRecord(events[0], stream));
+  for (int64_t i = 0; i < reps; ++i) {
+    GPU(gpuGraphLaunch(exec, stream));
+    GPU(gpuEventRecord(events[i + 1], stream));
+  }
+  GPU(gpuEventSynchronize(events[reps]));
+  tvm::ffi::Array<double> seconds;
+  for (int64_t i = 0; i < reps; ++i) {
+    float ms = 0;
+    GPU(gpuEventElapsedTime(&ms, events[i], events[i + 1]));
+    seconds.push_back(ms / 1e3);
+  }
+  for (auto& e : events) gpuEventDestroy(e);
   gpuGraphExecDestroy(exec);
   gpuGraphDestroy(graph);
   gpuStreamDestroy(stream);
-  return ms / 1e3 / static_cast<double>(reps);
+  return seconds;
+}
+
+double GraphSeconds(tvm::ffi::Function body, int64_t reps) {
+  double total = 0;
+  for (double s : GraphReplaySeconds(body, reps)) total += s;
+  return total / static_cast<double>(reps);
 }
 
 #define FN(name) "runtime.disco." CCL_NAME "." name
@@ -364,7 +375,8 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("shardtune.ipc.handle", IpcHandle)
       .def("shardtune.ipc.open", IpcOpen)
       .def("shardtune.ipc.can_access_peer", CanAccessPeer)
-      .def("shardtune.graph.seconds", GraphSeconds);
+      .def("shardtune.graph.seconds", GraphSeconds)
+      .def("shardtune.graph.replay_seconds", GraphReplaySeconds);
 }
 
 }  // namespace shardtune

@@ -290,3 +290,29 @@ def test_prefill_kernels_compile_for_sm90_inside_the_model(tmp_path, monkeypatch
     # the row-parallel o and down layers' partial sums: one all-reduce each per layer, in the graph
     graph = built_ex[-1].as_text().split("@prefill_16_cuda_graph_capture:\n")[1].split("\n@")[0]
     assert graph.count("call  runtime.disco.allreduce") == 2 * 2
+
+
+@pytest.mark.parametrize("baseline_us,source", [(8.0, "dlight"), (12.0, "database")])
+def test_build_keeps_dlight_where_it_beat_the_record(tmp_path, baseline_us, source):
+    """A short search can store a record slower than the dlight schedule it was measured against:
+    the build then takes dlight and says why."""
+    import json as _json
+
+    from shardtune.compiler.build import apply_database
+    from shardtune.compiler.model import KERNEL_ATTR
+    from shardtune.database import Record, TuningDB
+    from shardtune.database.checks import installed_tvm_version
+    from shardtune.kernels import get_template
+    from shardtune.tuner.targets import get_arch, target_of
+
+    tpl, wl = get_template("q4f16_1_gemv"), {"batch": 1, "N": 256, "K": 512, "quant": "q4f16_1"}
+    target = target_of(get_arch("sm_90"))
+    tag = _json.dumps({"template": tpl.name, "workload": wl, "site": "qkv"}, sort_keys=True)
+    func = tpl.compute(wl).with_attr(KERNEL_ATTR, tag).with_attr("op_pattern", 8).with_attr("global_symbol", "k")
+    db = TuningDB(tmp_path / "t.db")
+    db.add(Record(template=tpl.name, template_hash=tpl.source_hash, workload=wl, arch="sm_90", shards=1,
+                  device="NVIDIA H100 80GB HBM3", compute_units=132, knobs=tpl.default_knobs(wl, target),
+                  latency_us=10.0, latency_spread_us=0.1, runs=10, bandwidth_gbps=10.0, max_rel_error=1e-4,
+                  tvm_version=installed_tvm_version(), extra={"baseline_us": baseline_us, "baseline": "dlight"}))
+    (entry,) = apply_database(tvm.IRModule({"k": func}), db, "sm_90", 1, target)
+    assert entry["source"] == source and entry["latency_us"] == min(baseline_us, 10.0)

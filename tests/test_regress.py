@@ -212,18 +212,23 @@ def test_measure_verdicts_with_scripted_measurements(monkeypatch, make_record):
     from shardtune.tuner.targets import get_arch
 
     ScriptedBench.script = {1: [10.0, 10.1, 9.9], 2: [12.0, 12.1, 12.2], 3: [9.0, 12.0, 11.0],
-                            4: "numerics: relative error 0.5 > 0.001", 5: "build error", 6: "run: crashed"}
+                            4: "numerics: relative error 0.5 > 0.001", 5: "build error", 6: "run: crashed",
+                            7: [10.0, 10.0, 10.0]}
     monkeypatch.setattr(measure, "Bench", ScriptedBench)
     monkeypatch.setattr(api, "_device_description", lambda *a: {"device": "test GPU"})
     rows = [R.Row(r, "current", r.latency_us, r.latency_spread_us)
             for r in (make_record(workload={"N": n, "K": 512, "batch": 1}) for n in range(1, 7))]
     rows.append(R.Row(make_record(knobs={"rows": 3, "vec": 1}), "template changed", 10.0, 0.2))  # not in the space
+    # Stored from back-to-back CUDA-graph replays, re-measured one launch at a time: no comparison.
+    graph_timed = make_record(workload={"N": 7, "K": 512, "batch": 1}, extra={"timing": "graph"})
+    rows.append(R.Row(graph_timed, "current", 10.0, 0.2))
     R.measure_rows(rows, get_arch("sm_90"), "cuda", 0.05, 3)
     got = [(r.verdict, r.now_us) for r in rows]
     assert got[0] == ("same", 10.0) and got[1] == ("slower", 12.1)
     assert got[2] == ("same", 11.0)                      # +10% median, but the repeats spread over 3 us
-    assert [v for v, _ in got[3:]] == ["wrong", "failed", "failed", "stale"]
+    assert [v for v, _ in got[3:]] == ["wrong", "failed", "failed", "stale", "stale"]
     assert rows[3].note.startswith("numerics") and "retune" in rows[6].note
+    assert rows[7].note == "stored time was graph-timed, now launch-timed"
 
 
 # --- source hashes and the schema -------------------------------------------------------------

@@ -91,8 +91,23 @@ def _record(tpl, inst, arch: str, shards: int, device: dict, on_gpu: bool, trial
         command=_command_line(), source_sha=m.source_sha, **device,
         extra={"baseline_us": baseline.latency_us if baseline.ok else None,
                "baseline": "dlight" if on_gpu and tpl.dlight_baseline else "default knobs",
-               "copy_gbps": copy_gbps, "layers": list(inst.layers), **where},
+               "copy_gbps": copy_gbps, "layers": list(inst.layers), "timing": m.timing, **where},
     )
+
+
+LAUNCH_BYTES = 9 << 20   # what a kernel's fixed ~3 us would move at ~3 TB/s: tiny kernels still cost that
+
+
+def budget_shares(instances) -> list[float]:
+    """Each kernel's share of a time budget: its part of a decode step's time, estimated as bytes
+    moved (plus a launch's worth) times calls per step, so the search time goes where the step's
+    time goes; no kernel gets under a third of an even share."""
+    from ..kernels import get_template
+
+    cost = [max(1, inst.calls_per_token) * (get_template(inst.template).bytes_moved(inst.workload) + LAUNCH_BYTES)
+            for inst in instances]
+    floor = sum(cost) / len(cost) / 3
+    return [max(c, floor) for c in cost]
 
 
 def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_kernel: int = 48,
@@ -142,10 +157,12 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
         total = trials_per_kernel * len(instances)
         bar = _progress(total, progress)
         stored, rows = [], []
+        shares = budget_shares(instances)
         for i, inst in enumerate(instances):
             tpl = get_template(inst.template)
             left = None if budget is None else budget - (time.monotonic() - start)
-            deadline = float("inf") if left is None else time.monotonic() + max(0.0, left) / (len(instances) - i)
+            deadline = (float("inf") if left is None
+                        else time.monotonic() + max(0.0, left) * shares[i] / sum(shares[i:]))
             wl_key = canonical(inst.workload)
             study = open_study(studies, study_name(tpl, wl_key, a.name, shards), seed)
             warm = _warm_knobs(store, tpl, inst.workload, a.name, target)

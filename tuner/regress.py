@@ -258,6 +258,12 @@ def measure_rows(rows: list[Row], a, device_type: str, threshold: float, repeats
         for row, _, ms in live:
             row.repeats_us = [m.latency_us for m in ms]
             row.now_us, row.now_spread_us = combine(row.repeats_us, [m.spread_us for m in ms])
+            stored_timing = row.record.extra.get("timing", "launch")
+            now_timing = ms[0].timing or "launch"
+            if stored_timing != now_timing:
+                # Per-launch times include the launch; graph times do not: the numbers do not compare.
+                row.verdict, row.note = "stale", f"stored time was {stored_timing}-timed, now {now_timing}-timed"
+                continue
             row.verdict = verdict(row.stored_us, row.stored_spread_us, row.now_us, row.now_spread_us, threshold)
             if row.record.device != device["device"]:
                 row.note = f"stored on {row.record.device}"
