@@ -12,7 +12,7 @@ for job in $JOBS; do
   IFS=: read model shards secs kernels <<< "$job"
   echo "== tune $model TP$shards ($secs s)" | tee -a "$OUT/tune.log"
   timeout $((secs + 60)) python3 -m shardtune tune --arch sm_90 --model $model --shards $shards \
-    --kernels ${kernels:-${KERNELS:-gemv,norm,attention}} --time-budget $secs --trials-per-kernel ${TRIALS:-24} --db "$DB" --no-progress 2>&1 \
+    --kernels ${kernels:-${KERNELS:-gemv,norm,attention}} --time-budget $secs --trials-per-kernel ${TRIALS:-24} ${BUILDERS:+--builders $BUILDERS} --db "$DB" --no-progress 2>&1 \
     | grep -v -i warning | tee -a "$OUT/tune.log" | tail -14
   python3 -m shardtune db export "$DB" -o "$OUT/tune_tp_h100.jsonl" 2>&1 | tail -1   # after each: a cut-off run keeps the rest
 done
