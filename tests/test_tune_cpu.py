@@ -75,6 +75,8 @@ def test_resume_after_kill(tmp_path):
     assert after[first] == done + 1        # the killed run's trials were kept, one more was made
     recs = TuningDB.open_existing(db).records()
     assert {rec.trials for rec in recs} == {done + 1}
+    # kept trials carry how they were timed into their records (CPUs: one call at a time)
+    assert {rec.extra["timing"] for rec in recs} == {"launch"}
 
 
 def test_concurrent_tuners_lose_nothing(tmp_path):

@@ -112,8 +112,10 @@ def _finished(study: optuna.Study) -> list[Trial]:
     for t in study.get_trials():
         if t.state == optuna.trial.TrialState.COMPLETE:
             a = t.user_attrs
+            # Trials stored before timings were recorded were all timed one launch at a time.
             out.append(Trial(dict(t.params), Measurement(t.value, a["spread_us"], a["runs"], a["rel_error"],
-                                                         source_sha=a.get("source_sha", ""))))
+                                                         source_sha=a.get("source_sha", ""),
+                                                         timing=a.get("timing", "launch"))))
         elif t.state == optuna.trial.TrialState.FAIL and "error" in t.user_attrs:
             out.append(Trial(dict(t.params), Measurement(error=t.user_attrs["error"])))
     return out
@@ -176,7 +178,7 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
             t = asked[i]
             if m.ok:
                 _tell(study, t, m.latency_us, spread_us=m.spread_us, runs=m.runs, rel_error=m.rel_error,
-                      source_sha=m.source_sha)
+                      source_sha=m.source_sha, timing=m.timing)
             else:
                 _tell(study, t, state=optuna.trial.TrialState.FAIL, error=m.error)
             res.trials.append(Trial(cands[i], m))
