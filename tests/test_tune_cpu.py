@@ -46,6 +46,19 @@ def test_cpu_tune_writes_checked_records(tmp_path):
     assert best.latency_us == min(r.latency_us for r in recs if r.workload == recs[0].workload)
 
 
+def test_a_spent_budget_still_gives_every_kernel_a_small_round(tmp_path):
+    """With the time budget gone before a kernel's turn, it still gets one round of at most
+    LATE_ROUND candidates: every kernel ends with a record, none with a full search."""
+    from shardtune.tuner.search import LATE_ROUND
+
+    recs = shardtune.tune(arch="cpu", shards=1, model="tiny", db=str(tmp_path / "t.db"), time_budget=0.01,
+                          trials_per_kernel=8, progress=False)
+    assert {(r.template, r.workload["N"], r.workload["K"]) for r in recs} == {
+        ("q4f16_1_gemv", 512, 256), ("q4f16_1_gemv_residual", 256, 256), ("q4f16_1_gemv_silu_mul", 1024, 256),
+        ("q4f16_1_gemv_residual", 256, 512), ("q0f16_gemv", 512, 256)}
+    assert all(r.trials <= LATE_ROUND and r.status == "partial" for r in recs)
+
+
 def test_resume_after_kill(tmp_path):
     db = tmp_path / "t.db"
     studies = tmp_path / "t.studies.db"

@@ -132,6 +132,9 @@ def _tell(study: optuna.Study, trial, value=None, state=None, **attrs) -> None:
         pass
 
 
+LATE_ROUND = 2   # candidates built for a kernel whose share of the time budget is already spent
+
+
 def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int, deadline: float,
            warm_knobs: list[dict], seed: int, on_trial=lambda: None, builds_per_round: int = 4,
            proposals: int = 16) -> SearchResult:
@@ -146,7 +149,14 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
     tried = {tuple(sorted(t.knobs.items())) for t in res.trials}
     model = CostModel(space, seed)
     stale_rounds = 0
-    while res.spent < trials and time.monotonic() < deadline and stale_rounds < 20:
+    late_rounds = 0
+    while res.spent < trials and stale_rounds < 20:
+        if time.monotonic() >= deadline:
+            # Out of time. A kernel with nothing valid yet still gets one small round (the budget
+            # ran out on the kernels before it): a record beats none by far, and costs seconds.
+            if late_rounds or any(t.m.ok for t in res.trials):
+                break
+            late_rounds += 1
         model.fit(wl, res.trials)
         asked, cands, proposed = [], [], set()
         for _ in range(proposals):
@@ -164,7 +174,7 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
             continue
         stale_rounds = 0
         order = model.rank(wl, cands)
-        take = order[:min(builds_per_round, trials - res.spent)]
+        take = order[:min(LATE_ROUND if late_rounds else builds_per_round, trials - res.spent)]
         for i in order[len(take):]:   # the cost model passed these over: no build
             _tell(study, asked[i], state=optuna.trial.TrialState.PRUNED)
         built = bench.build_many(tpl.name, wl, [cands[i] for i in take])
