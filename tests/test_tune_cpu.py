@@ -177,3 +177,18 @@ def test_a_trial_finished_by_another_tuner_is_left_as_it_is(tmp_path):
     _tell(mine, trial, 1.0, runs=3)                      # would raise UpdateFinishedTrialError
     (done,) = theirs.get_trials()
     assert done.value == 2.0 and done.user_attrs == {}
+
+
+def test_budget_shares_follow_a_decode_steps_time():
+    """The big GEMVs get most of a time budget, and no kernel gets under a third of an even share."""
+    from shardtune.tuner.api import budget_shares
+    from shardtune.tuner.workloads import kernel_instances
+
+    insts = kernel_instances("llama2-70b", 2, ["gemv", "norm", "attention"])
+    shares = budget_shares(insts)
+    total = sum(shares)
+    gate_up = shares[[i.template for i in insts].index("q4f16_1_gemv_silu_mul")]
+    assert gate_up == max(shares) and gate_up > total / 4
+    # the small kernels (norms, RoPE, short attention) all sit at the same floor, still a real share
+    floor = min(shares)
+    assert shares.count(floor) >= 3 and floor > total / len(shares) / 6
