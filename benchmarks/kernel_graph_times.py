@@ -1,7 +1,7 @@
 """Small kernels timed the way a decode step runs them: inside a CUDA graph, back to back, with
-a cold L2 (the graph cycles through enough copies of the inputs to exceed twice the L2). The
-tuner times one launch at a time (TVM's time evaluator), which for a kernel of a few
-microseconds mostly measures the launch. Per case: the default knobs and random valid ones,
+a cold L2 (the graph cycles through enough copies of the inputs to exceed twice the L2), beside
+the same kernel timed one launch at a time (TVM's time evaluator), which for a kernel of a few
+microseconds mostly measures the launch. (`tune` now times CUDA kernels in graphs too.) Per case: the default knobs and random valid ones,
 each checked against the NumPy reference first; the device copy bandwidth from the same run.
 Usage: python benchmarks/kernel_graph_times.py [--knobs 10] --json FILE"""
 import argparse
