@@ -46,7 +46,15 @@ def checkpoint(tmp_path_factory):
 _one_gpu: dict = {}   # quant -> the TP1 run, shared by the TP2 and TP4 cases
 
 
-def _generate(checkpoint, tmp_path, quant, shards, allreduce="nccl", n=64):
+def forced_logits(model, ids) -> np.ndarray:
+    """The logits of each step when `ids` (another run's greedy ids) are fed back: two runs then see
+    the same inputs at every step, so their logits compare all the way, near-ties or not."""
+    steps = [model.prefill(PROMPT)]
+    steps += [model.step(t, len(PROMPT) + i) for i, t in enumerate(ids[:-1])]
+    return np.stack(steps)
+
+
+def _generate(checkpoint, tmp_path, quant, shards, allreduce="nccl", n=64, forced=None):
     if shards == 1 and quant in _one_gpu:
         return _one_gpu[quant]
     path = tmp_path / f"{quant}-tp{shards}-{allreduce}"
@@ -55,6 +63,8 @@ def _generate(checkpoint, tmp_path, quant, shards, allreduce="nccl", n=64):
                     capacity=256, prefill=(16,), allreduce=allreduce if shards > 1 else "nccl")
     model = shardtune.load(str(path))
     out = model.generate(PROMPT, max_new_tokens=n, return_logits=True, stop_at_eos=False)
+    if forced is not None:
+        out = (*out, forced_logits(model, forced))
     model.close()
     if shards == 1:
         _one_gpu[quant] = out
@@ -68,7 +78,7 @@ def test_sharded_matches_one_gpu(checkpoint, tmp_path, quant, shards, allreduce)
     if shards > GPUS:
         pytest.skip(f"needs {shards} GPUs")
     ref_ids, ref_logits = _generate(checkpoint, tmp_path, quant, 1)
-    ids, logits = _generate(checkpoint, tmp_path, quant, shards, allreduce)
+    ids, logits, forced = _generate(checkpoint, tmp_path, quant, shards, allreduce, forced=ref_ids)
     scale = np.abs(ref_logits).max()
     # Sharding changes only the order of fp16 sums. Its size shows on the first step (same
     # input for both); a different id is excused only where the top two logits are closer.
@@ -83,8 +93,11 @@ def test_sharded_matches_one_gpu(checkpoint, tmp_path, quant, shards, allreduce)
         assert a == b, (i, ids, ref_ids)
     print(f"{quant} TP{shards} {allreduce}: ids agree for {agree} of {len(ref_ids)} tokens"
           f"{' (then a near-tie)' if agree < len(ref_ids) else ''}; first-step logit noise {noise / scale:.1e} of max")
-    # logits compared only while both runs saw the same tokens
+    # logits compared only while both runs saw the same tokens; fed TP1's ids, at every step
     assert np.abs(logits[:agree + 1] - ref_logits[:agree + 1]).max() < 1e-2 * scale
+    drift = np.abs(forced - ref_logits).max()
+    print(f"  fed TP1's {len(ref_ids)} ids: largest logit difference {drift / scale:.1e} of max")
+    assert drift < 1e-2 * scale
 
 
 def test_fused_build_runs_its_nccl_step_on_request(checkpoint, tmp_path):
