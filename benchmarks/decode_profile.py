@@ -49,8 +49,9 @@ def main() -> int:
             per_kernel[ev.key][1] += us
 
     rows = defaultdict(lambda: {"calls": 0, "us": 0.0, "stored_us": [], "source": "", "template": ""})
+    longest_first = sorted(sites, key=len, reverse=True)   # a kernel name starts with its function's
     for name, (calls, us) in per_kernel.items():
-        func = next((f for f in sorted(sites, key=len, reverse=True) if name.startswith(f)), None)
+        func = next((f for f in longest_first if name.startswith(f)), None)
         site = sites.get(func, {})
         key = f'{site["template"]}:{site["site"]}' if site else name[:48]
         row = rows[key]
