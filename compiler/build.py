@@ -34,11 +34,11 @@ def _kernel_tag(func) -> dict | None:
     return json.loads(str(attrs[KERNEL_ATTR]))
 
 
-def apply_database(mod, db, arch: str, shards: int, target) -> list[dict]:
-    """Replace each template PrimFunc by its best record's schedule. Without a record a GPU
-    kernel gets TVM's dlight rules (GEMV, norms), or the template's default knobs where dlight
-    has no real rule for it (attention, SiLU(gate)*up); a CPU one gets the default knobs.
-    Returns what each got."""
+def apply_database(mod, db, arch: str, shards: int, target, device: str | None = None) -> list[dict]:
+    """Replace each template PrimFunc by its best record's schedule (the fastest measured on
+    `device`, where a record was: see _best_record). Without a record a GPU kernel gets TVM's
+    dlight rules (GEMV, norms), or the template's default knobs where dlight has no real rule for
+    it (attention, SiLU(gate)*up); a CPU one gets the default knobs. Returns what each got."""
     import tvm
 
     from ..kernels import get_template
@@ -50,8 +50,10 @@ def apply_database(mod, db, arch: str, shards: int, target) -> list[dict]:
         if tag is None:
             continue
         tpl = get_template(tag["template"])
-        rec, tuned_at = _best_record(db, tpl.name, tag["workload"], arch, shards)
+        rec, tuned_at = _best_record(db, tpl.name, tag["workload"], arch, shards, device)
         entry = {"function": gv.name_hint, "site": tag["site"], "template": tpl.name, "workload": tag["workload"]}
+        if rec is not None:
+            entry["measured_on"] = rec.device
         base_us = rec.extra.get("baseline_us") if rec is not None and rec.extra.get("baseline") == "dlight" else None
         if rec is not None and base_us is not None and base_us < rec.latency_us and target_is_gpu(target):
             # A short search can end above the dlight schedule it was measured against: keep dlight.
@@ -81,16 +83,27 @@ def apply_database(mod, db, arch: str, shards: int, target) -> list[dict]:
     return report
 
 
-def _best_record(db, template: str, workload: dict, arch: str, shards: int):
+def _best_record(db, template: str, workload: dict, arch: str, shards: int, device: str | None = None):
     """(record, its shard count). The same per-shard workload runs the same at any shard count
-    (a norm over the full hidden size, say): a record tuned at another count serves too."""
+    (a norm over the full hidden size, say): a record tuned at another count serves too. Records
+    measured on `device` come first: one arch spans GPUs of other memory speeds (H100 and H200 are
+    both sm_90), whose fastest knobs differ and whose times do not compare."""
     if db is None:
         return None, None
     for s in [shards] + [s for s in (1, 2, 4, 8) if s != shards]:
-        rec = db.best(template, workload, arch, s)
-        if rec is not None:
-            return rec, s
+        recs = db.top_k(template, workload, arch, s, 1000)
+        if recs:
+            return next((r for r in recs if r.device == device), recs[0]), s
     return None, None
+
+
+def local_device_of(arch: str) -> str | None:
+    """The name of the local GPU when it is of `arch` (a build made where it will run)."""
+    from ..tuner.targets import local_gpus
+
+    if arch == "cpu":
+        return None
+    return next((g["name"] for g in local_gpus() if g["arch"] == arch), None)
 
 
 def _open_db(db_path: str | None, arch: str, shards: int, log):
@@ -108,11 +121,13 @@ def _open_db(db_path: str | None, arch: str, shards: int, log):
 def build(out_dir: str, model: str | None = None, weights: str | None = None, random_weights: bool = False,
           quant: str = "q4f16_1", arch: str = "cpu", shards: int = 1, db: str | None = None,
           capacity: int = DEFAULT_CAPACITY, prefill=PREFILL_BUCKETS, allreduce: str = "auto",
-          log=sys.stderr) -> dict:
+          device: str | None = "auto", log=sys.stderr) -> dict:
     """Build a model folder; returns its config. `weights` is a Hugging Face checkpoint folder;
     `model` with `random_weights` builds random weights of that model's real shapes. `prefill`:
     the prompt lengths to compile a batched prefill step for (each capped at the capacity; empty:
-    none, the prompt goes token by token through the decode step)."""
+    none, the prompt goes token by token through the decode step). `device`: prefer records
+    measured on this GPU model ("auto": the local GPU, where it is of `arch`; None: the fastest
+    record of any)."""
     import tvm
     from tvm import relax
 
@@ -145,14 +160,16 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     start = time.monotonic()
 
     buckets = prefill_buckets(capacity, prefill)
-    llama = Llama(cfg, quant, shards, capacity, prefill=buckets, allreduce=allreduce)
+    llama = Llama(cfg, quant, shards, capacity, prefill=buckets, allreduce=allreduce, gpu=a.vendor != "cpu")
     mod, named = llama.export()
     order = [name for name, _ in named]
     if set(order) != set(spec):
         raise AssertionError(f"model parameters and weight specs disagree: {sorted(set(order) ^ set(spec))}")
     store, db_path = _open_db(db, a.name, shards, log)
+    if device == "auto":
+        device = local_device_of(a.name)
     try:
-        kernels = apply_database(mod, store, a.name, shards, target)
+        kernels = apply_database(mod, store, a.name, shards, target, device)
     finally:
         if store is not None:
             store.close()
@@ -163,7 +180,8 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     with target, tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": config["use_cuda_graph"]}):
         ex = tvm.compile(mod, target=target)
     if config["use_cuda_graph"]:   # how many graphs each step runs: decode and each prefill_<n> one
-        steps = ["decode", *(["decode_nccl"] if llama.fused_allreduce else []), *(f"prefill_{n}" for n in buckets)]
+        steps = ["decode", *(["decode_greedy"] if shards == 1 else []), *(["decode_nccl"] if llama.fused_allreduce else []),
+                 *(f"prefill_{n}" for n in buckets)]
         config["cuda_graphs"] = cuda_graphs(ex.as_text(), steps)
 
     tmp = out.with_name(out.name + ".partial")
@@ -179,11 +197,13 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     conf = {
         "format": FORMAT, "model": cfg.to_dict(), "quant": quant, "arch": a.name, "target": a.target,
         "shards": shards, "allreduce": allreduce if shards > 1 else None, "capacity": capacity,
+        "device_greedy": shards == 1,
         "prefill_buckets": buckets, "random_weights": weights is None,
         "params": [[name, list(spec[name][0]), spec[name][1]] for name in order],
         "cache": {"shape": list(llama.cache_shape()), "dtype": "float32" if quant == "q0f32" else "float16",
                   "count": 2 * cfg.num_hidden_layers},
-        "kernels": kernels, "database": db_path, **config, "eos_token_id": _eos(weights),
+        "kernels": kernels, "database": db_path, "records_preferred_from": device, **config,
+        "eos_token_id": _eos(weights),
         "built_with": {"tvm": tvm.__version__, "seconds": round(time.monotonic() - start, 1)},
     }
     (tmp / "config.json").write_text(json.dumps(conf, indent=1))
@@ -193,7 +213,7 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
             raise UserError(f"{out} exists and is not a shardtune model folder: choose another -o")
         shutil.rmtree(out)
     tmp.rename(out)
-    _print_kernel_report(kernels, db_path, log)
+    _print_kernel_report(kernels, db_path, device, log)
     return conf
 
 
@@ -244,12 +264,17 @@ def save_params(checkpoint: str, cfg, quant: str, shards: int, folder: Path, log
             save_file(chunk, str(folder / f"shard-{shard}-{part:05d}.safetensors"))
 
 
-def _print_kernel_report(kernels: list[dict], db_path: str | None, log) -> None:
+def _print_kernel_report(kernels: list[dict], db_path: str | None, device: str | None, log) -> None:
     tuned = [k for k in kernels if k["source"] == "database"]
     beaten = [k for k in kernels if "note" in k]
     others = [k for k in kernels if k["source"] != "database" and "note" not in k]
+    elsewhere = sorted({k["measured_on"] for k in tuned if k["measured_on"] != device}) if device else []
     print(f"kernels: {len(tuned)} from {db_path or 'no tuning database'}, {len(others)} without a record"
           + (f", {len(beaten)} where dlight beat the record" if beaten else ""), file=log)
+    if device:
+        print(f"  records measured on {device} first; "
+              + (f"{sum(k['measured_on'] != device for k in tuned)} from other GPUs ({', '.join(elsewhere)})"
+                 if elsewhere else "all from it"), file=log)
     for k in beaten + others:
         shape = ",".join(f"{key}={v}" for key, v in k["workload"].items())
         print(f"  {k['site']:<10} {k['template']:<24} {shape}: {k['source']}"

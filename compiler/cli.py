@@ -25,6 +25,10 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --shards > 1: one fused all-reduce + add + RMSNorm kernel over peer memory "
                         "(NVIDIA; the model falls back to NCCL on GPUs without peer access), or NCCL "
                         "all-reduce then add+RMSNorm. auto (default): fused on NVIDIA, NCCL elsewhere")
+    p.add_argument("--device", metavar="NAME", default="auto",
+                   help="prefer tuning records measured on this GPU model, as the database names it (e.g. "
+                        "'NVIDIA H100 80GB HBM3'; one arch spans GPUs whose best knobs differ). Default: the "
+                        "local GPU when it is of --arch; 'any': the fastest record whatever measured it")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="model folder to write")
     p.set_defaults(func=run)
 
@@ -44,7 +48,7 @@ def run(args) -> int:
         raise UserError(f"--prefill-buckets: comma-separated token counts or 'none', got {args.prefill_buckets!r}") from None
     conf = build(args.output, model=args.model, weights=args.weights, random_weights=args.random_weights,
                  quant=args.quant, arch=args.arch, shards=args.shards, db=args.db, capacity=args.capacity,
-                 prefill=buckets, allreduce=args.allreduce)
+                 prefill=buckets, allreduce=args.allreduce, device=None if args.device == "any" else args.device)
     print(f"built {conf['model']['name']} {conf['quant']} for {conf['arch']} x{conf['shards']} "
           f"in {conf['built_with']['seconds']} s: {args.output}")
     return 0

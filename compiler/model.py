@@ -23,6 +23,7 @@ from ..kernels.allreduce_add_norm import comm_regions
 from ..models import LlamaConfig
 from ..plan import KernelCall, decode_plan, plan_by_site, prefill_plan, residual_in_gemv
 from .dequantize import dequantize_q4
+from .greedy import greedy_next
 
 KERNEL_ATTR = "shardtune.kernel"   # JSON {"template", "workload", "site"} on each template PrimFunc
 
@@ -104,8 +105,8 @@ class Llama(nn.Module):
     """One shard's decode step: decode(token [1], pos [1], caches) -> (logits [1, V] fp32, caches)."""
 
     def __init__(self, cfg: LlamaConfig, quant: str, shards: int = 1, capacity: int = 4096,
-                 prefill: tuple = (), allreduce: str = "nccl"):
-        self.cfg, self.quant, self.shards, self.capacity = cfg, quant, shards, capacity
+                 prefill: tuple = (), allreduce: str = "nccl", gpu: bool = True):
+        self.cfg, self.quant, self.shards, self.capacity, self.gpu = cfg, quant, shards, capacity, gpu
         self.plan = plan_by_site(decode_plan(cfg, quant, shards, capacity=capacity, allreduce=allreduce))
         # The fused all-reduce reads peer memory that decode takes as an input (comm).
         self.fused_allreduce = "allreduce_norm" in self.plan
@@ -158,6 +159,11 @@ class Llama(nn.Module):
 
     # --- the step -------------------------------------------------------------
     def decode(self, token, pos, caches, comm=()):
+        logits, new_caches = self._logits(token, pos, caches, comm)
+        return op.astype(logits, "float32"), new_caches
+
+    def _logits(self, token, pos, caches, comm=()):
+        """(logits [1, V] in the activation dtype, caches) of one step."""
         h = op.take(self.embed.weight, token, axis=0)          # [1, H]
         new_caches = []
         if self.fused_residual:     # the o/down GEMVs add the residual
@@ -176,8 +182,20 @@ class Llama(nn.Module):
                 d = layer.down(self._mlp(layer, y), self.plan.get("down"))
                 next_weight = self.layers[i + 1].input_norm.weight if i + 1 < len(self.layers) else self.norm.weight
                 y, h = self._reduce_norm(d, next_weight, h, comm)
-        logits = self.lm_head(y, self.plan.get("lm_head"))
-        return op.astype(logits, "float32"), tuple(new_caches)
+        return self.lm_head(y, self.plan.get("lm_head")), tuple(new_caches)
+
+    def decode_greedy(self, token, pos, caches):
+        """decode, then argmax(logits) into `token` and pos + 1 into `pos`, on the device, inside
+        the step's CUDA graph: greedy steps follow each other with a 4-byte read per token on the
+        host. The fp32 logits are returned too (Relax's CUDA-graph rewrite fails on a function
+        whose outputs all alias its inputs); their cast runs after the graph, as decode's does.
+        One GPU only: on several, ranks whose logits differ in the last bit could pick different
+        tokens at a near tie."""
+        logits, new_caches = self._logits(token, pos, caches)
+        token, pos = op.tensor_ir_inplace_op(
+            greedy_next(self.cfg.vocab_size, logits.dtype, self.gpu), "greedy_next", [logits, token, pos], [1, 2],
+            [nn.Tensor.placeholder([1], "int32"), nn.Tensor.placeholder([1], "int32")])
+        return op.astype(logits, "float32"), token, pos, new_caches
 
     def decode_nccl(self, token, pos, caches):
         """decode with NCCL all-reduces: what a fused build runs where peer access is missing."""
@@ -242,6 +260,8 @@ class Llama(nn.Module):
         caches = [spec.Tensor(list(self.cache_shape()), dt) for _ in range(2 * self.cfg.num_hidden_layers)]
         decode = {"token": spec.Tensor([1], "int32"), "pos": spec.Tensor([1], "int32"), "caches": caches}
         steps = {"decode": decode}
+        if self.shards == 1:
+            steps["decode_greedy"] = dict(decode)
         if self.fused_allreduce:   # the regions of each GPU's peer-visible buffer (rank-relative)
             steps["decode_nccl"] = dict(decode)   # the fallback where peers cannot reach each other
             decode["comm"] = [spec.Tensor(list(shape), dtype)

@@ -30,6 +30,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the result(s) as JSON")
     p.add_argument("--allreduce", choices=["nccl"],
                    help="run a fused-all-reduce build through NCCL instead (to compare the two on the same weights)")
+    p.add_argument("--host-argmax", action="store_true",
+                   help="copy each step's logits to the host and take the argmax there (builds pick greedy "
+                        "tokens on the GPU where they can): to compare the two")
     p.add_argument("--scaling", action="store_true",
                    help="bench each build (or read its JSON) and compare tok/s across GPU counts")
     p.add_argument("--plot", metavar="PNG", help="with --scaling: draw tok/s against GPUs (needs matplotlib)")
@@ -80,14 +83,16 @@ def _bench_one(path: str, args) -> dict:
     from .engine import load
 
     model = load(path, allreduce=args.allreduce)
-    result = model.bench(prompt_len=args.prompt_len, gen_len=args.gen_len, repeat=args.repeat)
+    result = model.bench(prompt_len=args.prompt_len, gen_len=args.gen_len, repeat=args.repeat,
+                         host_argmax=args.host_argmax)
     model.close()
     result["command"] = " ".join(["shardtune", *sys.argv[1:]]) if sys.argv else ""
     print(f"{result['model']} {result['quant']} x{result['shards']}"
           f"{' (' + result['allreduce'] + ')' if result.get('allreduce') else ''} on {result['device']}: "
           f"{result['decode_tok_s']:.1f} tok/s decode ({result['roofline_fraction']:.0%} of the roofline at "
           f"{result['copy_gbps']:.0f} GB/s), prefill {result['prompt_len']} "
-          f"tokens in {result['prefill_ms']:.1f} ms ({result.get('prefill', 'token by token')}), {result['gpu_memory_bytes'] / 2**30:.2f} GiB", flush=True)
+          f"tokens in {result['prefill_ms']:.1f} ms ({result.get('prefill', 'token by token')}), "
+          f"{result['gpu_memory_bytes'] / 2**30:.2f} GiB; greedy: {result['greedy']}", flush=True)
     return result
 
 

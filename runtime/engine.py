@@ -79,6 +79,7 @@ class Model:
         # prompt lengths the build has a prefill step for; (): prompts go token by token
         self.prefill_buckets = tuple(self.conf.get("prefill_buckets", ()))
         self.allreduce_used = self.conf.get("allreduce")   # a sharded model may fall back to nccl
+        self.device_greedy = bool(self.conf.get("device_greedy"))   # builds before it have no decode_greedy
         self.tokenizer = self._load_tokenizer()
 
     def close(self) -> None:
@@ -144,6 +145,16 @@ class Model:
             step = "decode_nccl" if self.conf.get("allreduce") == "fused" else "decode"
             logits, _ = self.vm[step](self.token, self.pos, self.caches, *self.params)
         return logits
+
+    def greedy_step(self, token: int | None = None, pos: int | None = None) -> int:
+        """One decode step that picks its next token (argmax) on the device and advances the
+        position there: the host reads 4 bytes. `token`, `pos` start a run; None continues it."""
+        if token is not None:
+            self._check_pos(pos)
+            self.token.copyfrom(np.array([token], np.int32))
+            self.pos.copyfrom(np.array([pos], np.int32))
+        self.vm["decode_greedy"](self.token, self.pos, self.caches, *self.params)
+        return int(self.token.numpy()[0])
 
     def run_prefill(self, tokens, pos: int):
         """One batched prefill call: `tokens` (a sequence of ints, 1 .. max(prefill_buckets) of
@@ -216,31 +227,39 @@ class Model:
             raise UserError(f"prompt ({len(ids)}) + new tokens ({max_new_tokens}) exceed the KV cache ({self.capacity})")
         rng = np.random.default_rng(seed)
         eos = self.conf.get("eos_token_id")
+        eos = set(eos if isinstance(eos, list) else [eos]) if stop_at_eos and eos is not None else set()
+        on_device = self.device_greedy and temperature <= 0 and not return_logits
         logits = self.prefill(ids)
         out, all_logits = [], []
         pos = len(ids)
-        for _ in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_p, rng)
+        while True:
             all_logits.append(logits)
-            nxt = sample(logits, temperature, top_p, rng)
             out.append(nxt)
             if on_token:
                 on_token(nxt)
-            if stop_at_eos and eos is not None and nxt in (eos if isinstance(eos, list) else [eos]):
+            if nxt in eos or len(out) == max_new_tokens:
                 break
-            if len(out) == max_new_tokens:
-                break
-            logits = self.step(nxt, pos)
+            if on_device:   # the step after the first continues from the device's own token
+                nxt = self.greedy_step(nxt, pos) if len(out) == 1 else self.greedy_step()
+            else:
+                logits = self.step(nxt, pos)
+                nxt = sample(logits, temperature, top_p, rng)
             pos += 1
         return (out, np.stack(all_logits)) if return_logits else out
 
-    def bench(self, prompt_len: int = 8, gen_len: int = 256, repeat: int = 3, seed: int = 0) -> dict:
-        """Decode tokens/s, prefill time, memory, and the fraction of the memory roofline."""
+    def bench(self, prompt_len: int = 8, gen_len: int = 256, repeat: int = 3, seed: int = 0,
+              host_argmax: bool = False) -> dict:
+        """Decode tokens/s, prefill time, memory, and the fraction of the memory roofline. Greedy
+        decoding picks its tokens on the device where the build can (`host_argmax`: copy the
+        logits out and take the argmax in NumPy instead, to compare the two)."""
         from ..tuner.measure import copy_bandwidth
 
         if prompt_len < 1 or gen_len < 1 or repeat < 1:
             raise UserError("--prompt-len, --gen-len and --repeat must be positive")
         if prompt_len + gen_len > self.capacity:
             raise UserError(f"prompt + generation ({prompt_len + gen_len}) exceed the KV cache ({self.capacity})")
+        on_device = self.device_greedy and not host_argmax
         rng = np.random.default_rng(seed)
         prompt = rng.integers(0, self.cfg.vocab_size, prompt_len).tolist()
         self.generate(prompt, max_new_tokens=4, stop_at_eos=False)   # warm-up: first launches, graph capture
@@ -250,9 +269,14 @@ class Model:
             logits = self.prefill(prompt)
             t1 = time.perf_counter()
             tok, pos = int(np.argmax(logits)), prompt_len
-            for _ in range(gen_len):
-                tok = int(np.argmax(self.step(tok, pos)))
-                pos += 1
+            if on_device:
+                self.greedy_step(tok, pos)
+                for _ in range(gen_len - 1):
+                    self.greedy_step()
+            else:
+                for _ in range(gen_len):
+                    tok = int(np.argmax(self.step(tok, pos)))
+                    pos += 1
             t2 = time.perf_counter()
             prefill.append(t1 - t0)
             decode.append(gen_len / (t2 - t1))
@@ -269,6 +293,8 @@ class Model:
             "prefill_ms": float(np.median(prefill)) * 1e3,
             "prefill": "batched" if self.prefill_buckets else "token by token through the decode step",
             "prefill_buckets": list(self.prefill_buckets),
+            "greedy": "argmax on the device, 4 bytes read per token" if on_device
+                      else "logits copied to the host, argmax there",
             "weight_bytes_per_token": weight_bytes, "copy_gbps": copy_gbps,
             "roofline_fraction": weight_bytes * tok_s / (copy_gbps * 1e9),
             "gpu_memory_bytes": _memory_used(self),

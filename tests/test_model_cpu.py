@@ -102,6 +102,18 @@ def test_q4f16_1_matches_dequantized_reference(hf_dir, built):
     assert np.abs(logits[0] - fp_logits[0]).max() > np.abs(logits[0] - ref_logits[0]).max()
 
 
+@pytest.mark.parametrize("quant", ["q0f32", "q4f16_1", "q0f16"])
+def test_greedy_on_the_device_picks_the_hosts_ids(built, quant):
+    """decode_greedy (argmax and position advance in the compiled step) against decode with the
+    logits copied out and argmax taken by NumPy: the same kernels, so the very same ids."""
+    model = load(str(built[quant]))
+    assert model.device_greedy
+    for prompt in (PROMPT, LONG):
+        on_device = model.generate(prompt, max_new_tokens=30)
+        on_host, _ = model.generate(prompt, max_new_tokens=30, return_logits=True)
+        assert on_device == on_host and len(set(on_device)) > 1, (on_device, on_host)
+
+
 def test_q0f16_close_to_transformers(hf_dir, built):
     _, ref_logits = hf_greedy(transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval(), 8)
     _, logits = load(str(built["q0f16"])).generate(PROMPT, max_new_tokens=8, return_logits=True)
@@ -162,7 +174,7 @@ def test_cuda_and_rocm_builds_without_a_gpu(tmp_path):
     assert conf["use_cuda_graph"] and {k["source"] for k in conf["kernels"]} <= {"dlight", "default knobs", "database"}
     # the default buckets (16, 64, 256), capped at the capacity; decode and each prefill one CUDA graph
     assert conf["prefill_buckets"] == [16, 32]
-    assert conf["cuda_graphs"] == {"decode": 1, "prefill_16": 1, "prefill_32": 1}
+    assert conf["cuda_graphs"] == {"decode": 1, "decode_greedy": 1, "prefill_16": 1, "prefill_32": 1}
     r = shardtune("generate", out, "--prompt-ids", "1,2")
     if r.returncode != 0:    # no GPU here: one clear line
         assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and r.stderr.count("\n") == 1
@@ -274,9 +286,10 @@ def test_prefill_kernels_compile_for_sm90_inside_the_model(tmp_path, monkeypatch
     conf = build(str(tmp_path / "q4"), model="tiny", random_weights=True, quant="q4f16_1", arch="sm_90",
                  capacity=64, db=None, prefill=(8, 64))
     assert conf["prefill_buckets"] == [8, 64]
-    assert conf["cuda_graphs"] == {"decode": 1, "prefill_8": 1, "prefill_64": 1}
+    assert conf["cuda_graphs"] == {"decode": 1, "decode_greedy": 1, "prefill_8": 1, "prefill_64": 1}
     src = built_ex[-1].mod.imports[0].imports[0].inspect_source()
     kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", src))
+    assert "greedy_next_kernel" in kernels
     for n in (8, 64):
         assert {f"embedding_embedding_n{n}_kernel", f"prefill_rope_kv_append_rope_n{n}_kernel",
                 f"prefill_attention_attention_n{n}_kernel"} <= kernels, sorted(kernels)
@@ -316,3 +329,30 @@ def test_build_keeps_dlight_where_it_beat_the_record(tmp_path, baseline_us, sour
                   tvm_version=installed_tvm_version(), extra={"baseline_us": baseline_us, "baseline": "dlight"}))
     (entry,) = apply_database(tvm.IRModule({"k": func}), db, "sm_90", 1, target)
     assert entry["source"] == source and entry["latency_us"] == min(baseline_us, 10.0)
+
+
+def test_build_prefers_records_of_its_own_gpu(tmp_path):
+    """H100 and H200 are both sm_90: a build for an H100 takes the H100's record, though the H200's
+    is faster (its memory is); with no device named, the fastest."""
+    import json as _json
+
+    from shardtune.compiler.build import apply_database
+    from shardtune.compiler.model import KERNEL_ATTR
+    from shardtune.database import Record, TuningDB
+    from shardtune.database.checks import installed_tvm_version
+    from shardtune.kernels import get_template
+    from shardtune.tuner.targets import get_arch, target_of
+
+    tpl, wl = get_template("q4f16_1_gemv"), {"batch": 1, "N": 256, "K": 512, "quant": "q4f16_1"}
+    target = target_of(get_arch("sm_90"))
+    tag = _json.dumps({"template": tpl.name, "workload": wl, "site": "qkv"}, sort_keys=True)
+    func = tpl.compute(wl).with_attr(KERNEL_ATTR, tag).with_attr("op_pattern", 8).with_attr("global_symbol", "k")
+    db = TuningDB(tmp_path / "t.db")
+    for device, tx, us in (("NVIDIA H200", 32, 7.0), ("NVIDIA H100 80GB HBM3", 64, 10.0)):
+        db.add(Record(template=tpl.name, template_hash=tpl.source_hash, workload=wl, arch="sm_90", shards=1,
+                      device=device, compute_units=132, knobs={**tpl.default_knobs(wl, target), "tx": tx},
+                      latency_us=us, latency_spread_us=0.1, runs=10, bandwidth_gbps=10.0, max_rel_error=1e-4,
+                      tvm_version=installed_tvm_version()))
+    for device, tx in (("NVIDIA H100 80GB HBM3", 64), (None, 32), ("NVIDIA A100", 32)):
+        (entry,) = apply_database(tvm.IRModule({"k": func}), db, "sm_90", 1, target, device)
+        assert entry["knobs"]["tx"] == tx and entry["measured_on"] != "NVIDIA A100", (device, entry)

@@ -48,11 +48,16 @@ def test_gpu_model_matches_cpu_build(cpu_reference, tuned_db, with_db, tmp_path)
         if top2[1] - top2[0] < 2e-2 * scale:
             break
         assert a == b, (i, ids, ref_ids)
+    # the argmax taken inside the decode step's CUDA graph: the host's ids, token for token
+    assert shardtune.load(str(path), seed=5).generate(PROMPT, max_new_tokens=16, stop_at_eos=False) == ids
 
 
 def test_bench_on_gpu(tmp_path):
     path = tmp_path / "bench"
     shardtune.build(str(path), model="tiny", random_weights=True, quant="q4f16_1", arch=local_gpu_arch(), capacity=512)
-    res = shardtune.load(str(path)).bench(prompt_len=8, gen_len=64, repeat=2)
+    model = shardtune.load(str(path))
+    res = model.bench(prompt_len=8, gen_len=64, repeat=2)
     assert res["decode_tok_s"] > 0 and 0 < res["roofline_fraction"] < 1.2
-    assert res["use_cuda_graph"]
+    assert res["use_cuda_graph"] and res["greedy"].startswith("argmax on the device")
+    host = model.bench(prompt_len=8, gen_len=64, repeat=2, host_argmax=True)
+    assert host["greedy"].startswith("logits copied")

@@ -1,0 +1,56 @@
+#!/bin/bash
+# Llama-2-7B on one H100, in device calls on one warm machine (after staging TVM, see
+# benchmarks/device_env.sh); models and the tuning database stay in /tmp/work between calls.
+#   1: GPU model tests; builds from the shipped reference database, benched with the greedy
+#      argmax on the GPU and on the host (same build, same run)
+#   2: an H100 tune of the 7B q4f16_1 GEMVs (seeded with the reference's H100 records)
+#   3: its build, bench and per-kernel profile; the 7B q0f16 GEMVs tuned into the same database,
+#      that build and bench
+#   4: Llama-2-70B TP2 attention and norms tuned (issue 4's bars; not run yet)
+# Usage: bash benchmarks/device_h100_7b.sh PHASE   (results: $OUT/phaseN.tar.gz)
+PHASE=${1:?phase 1, 2, 3 or 4}
+source benchmarks/device_env.sh
+W=/tmp/work; mkdir -p $W
+DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+echo "device: $DEV  date: $(date -u +%FT%TZ)  phase $PHASE" | tee -a "$OUT/run.log"
+st() { python3 -m shardtune "$@"; }
+bench2() {   # bench2 MODEL_DIR NAME: device argmax, then host argmax, on the same build
+  step timeout 90 python3 -m shardtune bench "$1" --json "$OUT/bench_${2}_device_argmax.json"
+  step timeout 90 python3 -m shardtune bench "$1" --host-argmax --json "$OUT/bench_${2}_host_argmax.json"
+}
+case $PHASE in
+1)
+  step timeout 240 python3 -m pytest -q -x tests/gpu/test_model_gpu.py
+  for q in q4f16_1 q0f16; do
+    step timeout 150 python3 -m shardtune build --model llama2-7b --random-weights --quant $q --arch sm_90 -o $W/7b-$q-ref
+    bench2 $W/7b-$q-ref llama2-7b_${q}_ref
+  done ;;
+2)
+  python3 - <<'EOF'   # the reference's H100 records (norms, rope, attention): the seed
+import json
+with open("/tmp/work/h100_seed.jsonl", "w") as out:
+    for line in open("database/reference/sm_90.jsonl"):
+        if "H100" in json.loads(line)["device"]:
+            out.write(line)
+EOF
+  st db import $W/h100.db $W/h100_seed.jsonl
+  step timeout 420 python3 -m shardtune tune --arch sm_90 --model llama2-7b --shards 1 --kernels gemv --time-budget 360 \
+    --trials-per-kernel 128 --db $W/h100.db --no-progress
+  st db export $W/h100.db -o "$OUT/h100_db.jsonl" ;;
+3)   # a 7B build takes 100-130 s on this machine
+  step timeout 200 python3 -m shardtune build --model llama2-7b --random-weights --quant q4f16_1 --arch sm_90 \
+    --db $W/h100.db -o $W/7b-q4f16_1-h100
+  step timeout 60 python3 -m shardtune bench $W/7b-q4f16_1-h100 --json "$OUT/bench_llama2-7b_q4f16_1_h100db_device_argmax.json"
+  step timeout 60 python3 benchmarks/decode_profile.py $W/7b-q4f16_1-h100 --json "$OUT/profile_llama2-7b_q4f16_1_h100db.json"
+  step timeout 150 python3 -m shardtune tune --arch sm_90 --model llama2-7b --shards 1 --quant q0f16 --kernels gemv \
+    --time-budget 110 --trials-per-kernel 64 --db $W/h100.db --no-progress
+  step timeout 150 python3 -m shardtune build --model llama2-7b --random-weights --quant q0f16 --arch sm_90 \
+    --db $W/h100.db -o $W/7b-q0f16-h100
+  step timeout 60 python3 -m shardtune bench $W/7b-q0f16-h100 --json "$OUT/bench_llama2-7b_q0f16_h100db_device_argmax.json"
+  st db export $W/h100.db -o "$OUT/h100_db.jsonl" ;;
+4)
+  step timeout 170 python3 -m shardtune tune --arch sm_90 --model llama2-70b --shards 2 --kernels attention,norm \
+    --time-budget 120 --trials-per-kernel 48 --db $W/h100.db --no-progress
+  st db export $W/h100.db -o "$OUT/h100_db.jsonl" ;;
+esac
+tar czf "$OUT/phase$PHASE.tar.gz" -C "$OUT" --exclude="phase*.tar.gz" .
