@@ -146,15 +146,16 @@ class Model:
             logits, _ = self.vm[step](self.token, self.pos, self.caches, *self.params)
         return logits
 
-    def greedy_step(self, token: int | None = None, pos: int | None = None) -> int:
+    def greedy_step(self, token: int | None = None, pos: int | None = None, read: bool = True) -> int | None:
         """One decode step that picks its next token (argmax) on the device and advances the
-        position there: the host reads 4 bytes. `token`, `pos` start a run; None continues it."""
+        position there: the host reads 4 bytes (none, and does not wait, with read=False).
+        `token`, `pos` start a run; None continues it."""
         if token is not None:
             self._check_pos(pos)
             self.token.copyfrom(np.array([token], np.int32))
             self.pos.copyfrom(np.array([pos], np.int32))
         self.vm["decode_greedy"](self.token, self.pos, self.caches, *self.params)
-        return int(self.token.numpy()[0])
+        return int(self.token.numpy()[0]) if read else None
 
     def run_prefill(self, tokens, pos: int):
         """One batched prefill call: `tokens` (a sequence of ints, 1 .. max(prefill_buckets) of

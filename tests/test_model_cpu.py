@@ -112,6 +112,12 @@ def test_greedy_on_the_device_picks_the_hosts_ids(built, quant):
         on_device = model.generate(prompt, max_new_tokens=30)
         on_host, _ = model.generate(prompt, max_new_tokens=30, return_logits=True)
         assert on_device == on_host and len(set(on_device)) > 1, (on_device, on_host)
+    # steps launched without reading their tokens (decode_profile.py): the same run, read at the end
+    first = int(np.argmax(model.prefill(LONG)))
+    model.greedy_step(first, len(LONG), read=False)
+    for _ in range(4):
+        model.greedy_step(read=False)
+    assert int(model.token.numpy()[0]) == on_device[5] and int(model.pos.numpy()[0]) == len(LONG) + 5
 
 
 def test_q0f16_close_to_transformers(hf_dir, built):
