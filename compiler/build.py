@@ -160,7 +160,7 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     start = time.monotonic()
 
     buckets = prefill_buckets(capacity, prefill)
-    llama = Llama(cfg, quant, shards, capacity, prefill=buckets, allreduce=allreduce, gpu=a.vendor != "cpu")
+    llama = Llama(cfg, quant, shards, capacity, prefill=buckets, allreduce=allreduce, vendor=a.vendor)
     mod, named = llama.export()
     order = [name for name, _ in named]
     if set(order) != set(spec):

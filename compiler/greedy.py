@@ -3,22 +3,25 @@ token buffer, and the position advances by one, so decode steps follow each othe
 but a 4-byte read of the token per step on the host (no logits copy, no host argmax).
 
 Ties go to the lowest index, as np.argmax. Not a template: one block, a few microseconds; the
-GPU version is written already scheduled (strided scan per thread, then warp shuffles and one
-shared-memory round), the CPU version is a plain loop."""
+GPU version is written already scheduled (a strided scan per thread, then on NVIDIA warp shuffles
+and one shared-memory round; elsewhere two shared-memory rounds, as TVM's ROCm backend is LLVM and
+has no CUDA shuffle to call), the CPU version is a plain loop."""
 from __future__ import annotations
 
 from contextlib import ExitStack
 
-import numpy as np
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 THREADS = 1024
+LANES = 32   # the last round's width
 
 
-def greedy_next(V: int, dtype: str, gpu: bool):
+def greedy_next(V: int, dtype: str, vendor: str):
     """PrimFunc (logits [1, V] dtype, token [1] int32, pos [1] int32): token = argmax, pos += 1.
-    Compared in fp32: the same order as the fp16 values, which fp32 holds exactly."""
+    Compared in fp32: the same order as the fp16 values, which fp32 holds exactly. `vendor`:
+    nvidia, amd or cpu (tuner/targets.py)."""
+    gpu = vendor != "cpu"
     threads = THREADS if gpu else 1
     with IRBuilder() as ib:
         with T.prim_func():
@@ -58,20 +61,38 @@ def greedy_next(V: int, dtype: str, gpu: bool):
                     with T.Then():
                         candidate(T.Cast("float32", logits[0, k]), k)
             if gpu:
-                full = T.uint32(0xFFFFFFFF)
-                for offset in (16, 8, 4, 2, 1):   # the warp's best, into its lane 0
-                    candidate(T.call_extern("float32", "__shfl_down_sync", full, best_v[0], offset),
-                              T.call_extern("int32", "__shfl_down_sync", full, best_i[0], offset))
-                warps = threads // 32
-                red_v = T.alloc_buffer((warps,), "float32", scope="shared")
-                red_i = T.alloc_buffer((warps,), "int32", scope="shared")
-                with T.If(tx % 32 == 0):
-                    with T.Then():
-                        T.buffer_store(red_v, best_v[0], [tx // 32])
-                        T.buffer_store(red_i, best_i[0], [tx // 32])
+                def reset():
+                    T.buffer_store(best_v, T.float32(float("-inf")), [0])
+                    T.buffer_store(best_i, T.int32(V), [0])
+
+                last_v = T.alloc_buffer((LANES,), "float32", scope="shared")
+                last_i = T.alloc_buffer((LANES,), "int32", scope="shared")
+                if vendor == "nvidia":
+                    full = T.uint32(0xFFFFFFFF)
+                    for offset in (16, 8, 4, 2, 1):   # the warp's best, into its lane 0
+                        candidate(T.call_extern("float32", "__shfl_down_sync", full, best_v[0], offset),
+                                  T.call_extern("int32", "__shfl_down_sync", full, best_i[0], offset))
+                    with T.If(tx % 32 == 0):
+                        with T.Then():
+                            T.buffer_store(last_v, best_v[0], [tx // 32])
+                            T.buffer_store(last_i, best_i[0], [tx // 32])
+                else:   # every thread's best into shared memory; thread t < LANES folds slice t
+                    all_v = T.alloc_buffer((threads,), "float32", scope="shared")
+                    all_i = T.alloc_buffer((threads,), "int32", scope="shared")
+                    T.buffer_store(all_v, best_v[0], [tx])
+                    T.buffer_store(all_i, best_i[0], [tx])
+                    T.evaluate(T.tvm_storage_sync("shared"))
+                    reset()   # every thread folds slice tx % LANES (the loads stay out of branches)
+                    per = threads // LANES
+                    with T.serial(0, per) as w:
+                        candidate(all_v[tx % LANES * per + w], all_i[tx % LANES * per + w])
+                    with T.If(tx < LANES):
+                        with T.Then():
+                            T.buffer_store(last_v, best_v[0], [tx])
+                            T.buffer_store(last_i, best_i[0], [tx])
                 T.evaluate(T.tvm_storage_sync("shared"))
-                with T.serial(0, warps) as w:   # every thread folds in the warps' bests; thread 0 writes
-                    candidate(red_v[w], red_i[w])
+                with T.serial(0, LANES) as w:   # every thread folds in the last round; thread 0 writes
+                    candidate(last_v[w], last_i[w])
                 with T.If(tx == 0):
                     with T.Then():
                         T.buffer_store(token, best_i[0], [0])
@@ -81,7 +102,3 @@ def greedy_next(V: int, dtype: str, gpu: bool):
                 T.buffer_store(pos, pos[0] + 1, [0])
             launch.close()
     return ib.get().with_attr("global_symbol", "greedy_next")
-
-
-def reference(logits: np.ndarray, pos: int) -> tuple[int, int]:
-    return int(np.argmax(logits)), pos + 1

@@ -105,8 +105,8 @@ class Llama(nn.Module):
     """One shard's decode step: decode(token [1], pos [1], caches) -> (logits [1, V] fp32, caches)."""
 
     def __init__(self, cfg: LlamaConfig, quant: str, shards: int = 1, capacity: int = 4096,
-                 prefill: tuple = (), allreduce: str = "nccl", gpu: bool = True):
-        self.cfg, self.quant, self.shards, self.capacity, self.gpu = cfg, quant, shards, capacity, gpu
+                 prefill: tuple = (), allreduce: str = "nccl", vendor: str = "nvidia"):
+        self.cfg, self.quant, self.shards, self.capacity, self.vendor = cfg, quant, shards, capacity, vendor
         self.plan = plan_by_site(decode_plan(cfg, quant, shards, capacity=capacity, allreduce=allreduce))
         # The fused all-reduce reads peer memory that decode takes as an input (comm).
         self.fused_allreduce = "allreduce_norm" in self.plan
@@ -193,7 +193,7 @@ class Llama(nn.Module):
         tokens at a near tie."""
         logits, new_caches = self._logits(token, pos, caches)
         token, pos = op.tensor_ir_inplace_op(
-            greedy_next(self.cfg.vocab_size, logits.dtype, self.gpu), "greedy_next", [logits, token, pos], [1, 2],
+            greedy_next(self.cfg.vocab_size, logits.dtype, self.vendor), "greedy_next", [logits, token, pos], [1, 2],
             [nn.Tensor.placeholder([1], "int32"), nn.Tensor.placeholder([1], "int32")])
         return op.astype(logits, "float32"), token, pos, new_caches
 

@@ -93,6 +93,16 @@ def test_gfx1100_two_shard_model_builds(tmp_path):
     assert conf["cache"]["shape"][0] == 2   # tiny's 4 KV heads, two per shard
 
 
+def test_gfx1100_one_gpu_model_builds_with_its_greedy_step(tmp_path):
+    """One Radeon: decode_greedy's argmax has no CUDA warp shuffle there (TVM's ROCm backend is
+    LLVM), it takes its other path through shared memory."""
+    path = tmp_path / "tiny-gfx1100"
+    conf = shardtune.build(str(path), model="tiny", random_weights=True, quant="q4f16_1", arch="gfx1100",
+                           capacity=64, prefill=())
+    assert conf["device_greedy"] and conf["target"]["kind"] == "rocm"
+    assert (path / "model.so").stat().st_size > 10_000
+
+
 def test_eight_shards_split_llama2_70b_and_sixteen_do_not():
     """Nothing assumes at most four GPUs: at 8 each shard has 8 query heads and 1 KV head."""
     from shardtune.compiler.weights import param_specs
