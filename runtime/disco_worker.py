@@ -82,6 +82,16 @@ def _step(token: int, pos: int):
     return _shard["model"].run_step(token, pos)
 
 
+@register_global_func("shardtune.shard.greedy_step", override=True)
+@_guard
+def _greedy_step(token: int, pos: int):
+    """A step that also picks the next token on this GPU; its token buffer, for the controller
+    to read worker 0's (it feeds that one to every worker next)."""
+    m = _shard["model"]
+    m.greedy_step(token, pos, read=False)
+    return m.token
+
+
 @register_global_func("shardtune.shard.prefill", override=True)
 @_guard
 def _prefill(tokens: str, pos: int):

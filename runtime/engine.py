@@ -139,12 +139,15 @@ class Model:
         """One decode step; the logits [1, V] stay on the device."""
         self.token.copyfrom(np.array([token], np.int32))
         self.pos.copyfrom(np.array([pos], np.int32))
+        return self._decode("decode")[0]
+
+    def _decode(self, step: str):
+        """Run `step` (decode or decode_greedy) on the token and position buffers."""
         if self.comm:
-            logits, _ = self.vm["decode"](self.token, self.pos, self.caches, self.comm, *self.params)
-        else:   # a fused build whose GPUs cannot reach each other's memory runs its NCCL variant
-            step = "decode_nccl" if self.conf.get("allreduce") == "fused" else "decode"
-            logits, _ = self.vm[step](self.token, self.pos, self.caches, *self.params)
-        return logits
+            return self.vm[step](self.token, self.pos, self.caches, self.comm, *self.params)
+        if self.conf.get("allreduce") == "fused":   # GPUs that cannot reach each other's memory: the NCCL variant
+            step += "_nccl"
+        return self.vm[step](self.token, self.pos, self.caches, *self.params)
 
     def greedy_step(self, token: int | None = None, pos: int | None = None, read: bool = True) -> int | None:
         """One decode step that picks its next token (argmax) on the device and advances the
@@ -154,7 +157,7 @@ class Model:
             self._check_pos(pos)
             self.token.copyfrom(np.array([token], np.int32))
             self.pos.copyfrom(np.array([pos], np.int32))
-        self.vm["decode_greedy"](self.token, self.pos, self.caches, *self.params)
+        self._decode("decode_greedy")
         return int(self.token.numpy()[0]) if read else None
 
     def run_prefill(self, tokens, pos: int):

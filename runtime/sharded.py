@@ -4,7 +4,8 @@ The controller starts one disco worker per shard (worker 0 a thread here, the ot
 processes), builds and loads the CCL backend in each, joins them in one communicator, and
 has every worker load its shard (runtime/disco_worker.py). A step is one broadcast call:
 each worker replays its decode step (one CUDA graph, the all-reduces inside it), and the
-logits come back from worker 0. Generation and benchmarks are `Model`'s own."""
+logits come back from worker 0, or with greedy decoding the token worker 0's GPU picked.
+Generation and benchmarks are `Model`'s own."""
 from __future__ import annotations
 
 import importlib
@@ -96,8 +97,11 @@ class ShardedModel(Model):
         else:
             self.allreduce_used = "nccl"   # without peer buffers the workers run decode_nccl
         self._step = self.sess.get_global_func("shardtune.shard.step")
+        self._greedy = self.sess.get_global_func("shardtune.shard.greedy_step")
         self._prefill = self.sess.get_global_func("shardtune.shard.prefill")
         self.logits = tvm.runtime.empty((1, self.cfg.vocab_size), "float32", tvm.cpu())
+        self.next_token = tvm.runtime.empty((1,), "int32", tvm.cpu())
+        self._last = (0, 0)   # the last greedy step's (token it picked, its position)
 
     def _peers_reach_each_other(self) -> bool:
         """The fused all-reduce reads the peers' memory: every pair of GPUs must reach each other.
@@ -117,6 +121,19 @@ class ShardedModel(Model):
 
     def run_step(self, token: int, pos: int):
         return self._logits_of(self.sess.call_packed(self._step, token, pos))
+
+    def greedy_step(self, token: int | None = None, pos: int | None = None, read: bool = True) -> int:
+        """Every worker runs its step and picks a token on its GPU; worker 0's comes back (4 bytes)
+        and is what every worker is fed next, so ranks whose logits differ in the last bit cannot
+        part ways at a near tie. Always read, whatever `read` says: the next step needs it."""
+        if token is None:
+            token, pos = self._last[0], self._last[1] + 1
+        self._check_pos(pos)
+        remote = self.sess.call_packed(self._greedy, token, pos)
+        self.sess.copy_from_worker_0(self.next_token, remote)
+        self.sess.sync_worker_0()
+        self._last = (int(self.next_token.numpy()[0]), pos)
+        return self._last[0]
 
     def run_prefill(self, tokens, pos: int):
         return self._logits_of(self.sess.call_packed(self._prefill, ",".join(str(int(t)) for t in tokens), pos))

@@ -305,7 +305,7 @@ def test_prefill_kernels_compile_for_sm90_inside_the_model(tmp_path, monkeypatch
             assert len(tvm.support.nvcc.compile_cuda(src, target_format="cubin", compiler="nvcc")) > 10_000
     conf = build(str(tmp_path / "tp2"), model="tiny", random_weights=True, quant="q0f16", arch="sm_90", shards=2,
                  capacity=64, db=None, prefill=(16,), allreduce="nccl")
-    assert conf["cuda_graphs"] == {"decode": 1, "prefill_16": 1}
+    assert conf["cuda_graphs"] == {"decode": 1, "decode_greedy": 1, "prefill_16": 1}
     # the row-parallel o and down layers' partial sums: one all-reduce each per layer, in the graph
     graph = built_ex[-1].as_text().split("@prefill_16_cuda_graph_capture:\n")[1].split("\n@")[0]
     assert graph.count("call  runtime.disco.allreduce") == 2 * 2

@@ -183,7 +183,7 @@ def test_nvidia_tp_builds_fuse_the_allreduce_and_keep_an_nccl_decode(tmp_path):
     sites = {k["site"]: k["template"] for k in conf["kernels"]}
     assert conf["allreduce"] == "fused" and sites["allreduce_norm"] == "allreduce_add_norm"
     assert sites["add_norm"] == "add_rms_norm"   # decode_nccl's, for GPUs without peer access
-    assert conf["cuda_graphs"] == {"decode": 1, "decode_nccl": 1}
+    assert conf["cuda_graphs"] == {"decode": 1, "decode_greedy": 1, "decode_nccl": 1, "decode_greedy_nccl": 1}
     for arch, shards in (("sm_90", 1), ("gfx1100", 2)):
         res = _cli("build", "--model", "tiny", "--random-weights", "--arch", arch, "--shards", str(shards),
                    "--allreduce", "fused", "-o", str(tmp_path / f"bad-{arch}"))

@@ -63,6 +63,8 @@ def _generate(checkpoint, tmp_path, quant, shards, allreduce="nccl", n=64, force
                     capacity=256, prefill=(16,), allreduce=allreduce if shards > 1 else "nccl")
     model = shardtune.load(str(path))
     out = model.generate(PROMPT, max_new_tokens=n, return_logits=True, stop_at_eos=False)
+    # the argmax on the GPUs (worker 0's token fed to all): the host's ids, token for token
+    assert model.generate(PROMPT, max_new_tokens=n, stop_at_eos=False) == out[0]
     if forced is not None:
         out = (*out, forced_logits(model, forced))
     model.close()
