@@ -192,3 +192,42 @@ def test_budget_shares_follow_a_decode_steps_time():
     # the small kernels (norms, RoPE, short attention) all sit at the same floor, still a real share
     floor = min(shares)
     assert shares.count(floor) >= 3 and floor > total / len(shares) / 6
+
+
+@pytest.mark.parametrize("name, wl", [
+    ("q4f16_1_gemv", {"batch": 1, "N": 64, "K": 256, "quant": "q4f16_1"}),
+    ("rope_kv_append", {"batch": 1, "q_heads": 4, "kv_heads": 2, "head_dim": 32, "capacity": 16,
+                        "theta": 10000.0, "dtype": "float16"}),   # its own relative_error, caches in place
+])
+def test_measuring_a_workload_again_reuses_its_inputs_and_reference(monkeypatch, tmp_path, name, wl):
+    """A search measures one workload many times: the inputs and the NumPy reference are made once
+    per process, and a wrong candidate is still caught by the template's own check."""
+    from shardtune.tuner import measure
+
+    tpl = get_template(name)
+    calls = []
+    compute = type(tpl).reference
+    monkeypatch.setattr(type(tpl), "reference", lambda self, inputs: calls.append(1) or compute(self, inputs))
+    monkeypatch.setattr(measure, "_CASES", type(measure._CASES)())
+    vars(tpl).pop("reference", None)   # the shortcut measuring installs, from an earlier test
+    try:
+        _measure_three_times_and_a_wrong_one(tpl, name, wl, tmp_path, calls)
+    finally:   # the shortcut wraps this test's counting reference: not for later tests
+        vars(tpl).pop("reference", None)
+
+
+def _measure_three_times_and_a_wrong_one(tpl, name, wl, tmp_path, calls):
+    import tvm
+
+    from shardtune.tuner import measure
+
+    target = tvm.target.Target({"kind": "llvm"})
+    knobs = tpl.default_knobs(wl, target)
+    path = str(tmp_path / "k.so")
+    measure.build(name, wl, knobs, {"kind": "llvm"}, path)
+    runs = [measure.measure_on(tvm.cpu(0), lambda: tvm.runtime.load_module(path), name, wl, repeat=2)
+            for _ in range(3)]
+    assert len(calls) == 1 and all("error" not in r and r["rel_error"] < tpl.tolerance for r in runs), runs
+    # a kernel that writes nothing: its outputs keep the NaN they were poisoned with
+    wrong = measure.measure_on(tvm.cpu(0), lambda: {"main": lambda *args: None}, name, wl, repeat=2)
+    assert "numerics" in wrong["error"] and len(calls) == 1
