@@ -87,7 +87,7 @@ def main() -> int:
         with open(args.json, "w") as fh:
             json.dump({"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                        "device": model.device_name(), "model": model.cfg.name, "quant": conf["quant"],
-                       "shards": conf["shards"], "step": "decode_greedy" if model.device_greedy else "decode",
+                       "shards": conf["shards"], "argmax": "device" if model.device_greedy else "host",
                        "step_wall_us": wall_us, "kernel_us_per_step": kernel_us,
                        "steps": args.steps, "sites": table}, fh, indent=1)
     model.close()

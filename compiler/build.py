@@ -180,8 +180,7 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     with target, tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": config["use_cuda_graph"]}):
         ex = tvm.compile(mod, target=target)
     if config["use_cuda_graph"]:   # how many graphs each step runs: decode and each prefill_<n> one
-        steps = ["decode", "decode_greedy", *(["decode_nccl", "decode_greedy_nccl"] if llama.fused_allreduce else []),
-                 *(f"prefill_{n}" for n in buckets)]
+        steps = ["decode", *(["decode_nccl"] if llama.fused_allreduce else []), *(f"prefill_{n}" for n in buckets)]
         config["cuda_graphs"] = cuda_graphs(ex.as_text(), steps)
 
     tmp = out.with_name(out.name + ".partial")
@@ -197,7 +196,7 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     conf = {
         "format": FORMAT, "model": cfg.to_dict(), "quant": quant, "arch": a.name, "target": a.target,
         "shards": shards, "allreduce": allreduce if shards > 1 else None, "capacity": capacity,
-        "device_greedy": True,   # a decode_greedy step (builds before it have none)
+        "device_greedy": True,   # decode writes the greedy token and position (older builds' does not)
         "prefill_buckets": buckets, "random_weights": weights is None,
         "params": [[name, list(spec[name][0]), spec[name][1]] for name in order],
         "cache": {"shape": list(llama.cache_shape()), "dtype": "float32" if quant == "q0f32" else "float16",

@@ -102,7 +102,8 @@ class Layer(nn.Module):
 
 
 class Llama(nn.Module):
-    """One shard's decode step: decode(token [1], pos [1], caches) -> (logits [1, V] fp32, caches)."""
+    """One shard's decode step: decode(token [1], pos [1], caches) -> (logits [1, V] fp32, token, pos,
+    caches), the next greedy token and position written into token and pos."""
 
     def __init__(self, cfg: LlamaConfig, quant: str, shards: int = 1, capacity: int = 4096,
                  prefill: tuple = (), allreduce: str = "nccl", vendor: str = "nvidia"):
@@ -159,8 +160,18 @@ class Llama(nn.Module):
 
     # --- the step -------------------------------------------------------------
     def decode(self, token, pos, caches, comm=()):
+        """(logits [1, V] fp32, token, pos, caches). After the logits, the greedy choice is made on
+        the device, inside the step's CUDA graph: argmax(logits) into `token` and pos + 1 into
+        `pos`, so greedy steps follow each other with a 4-byte read per token on the host. A
+        caller that samples on the host sets token and pos before every step and ignores them.
+        On several GPUs every rank picks a token and the controller feeds worker 0's to all:
+        ranks whose logits differ in the last bit could pick differently at a near tie."""
         logits, new_caches = self._logits(token, pos, caches, comm)
-        return op.astype(logits, "float32"), new_caches
+        token, pos = op.tensor_ir_inplace_op(
+            greedy_next(self.cfg.vocab_size, logits.dtype, self.vendor), "greedy_next", [logits, token, pos], [1, 2],
+            [nn.Tensor.placeholder([1], "int32"), nn.Tensor.placeholder([1], "int32")])
+        # the logits' cast to fp32 is a function output: it runs after the graph
+        return op.astype(logits, "float32"), token, pos, new_caches
 
     def _logits(self, token, pos, caches, comm=()):
         """(logits [1, V] in the activation dtype, caches) of one step."""
@@ -184,25 +195,9 @@ class Llama(nn.Module):
                 y, h = self._reduce_norm(d, next_weight, h, comm)
         return self.lm_head(y, self.plan.get("lm_head")), tuple(new_caches)
 
-    def decode_greedy(self, token, pos, caches, comm=()):
-        """decode, then argmax(logits) into `token` and pos + 1 into `pos`, on the device, inside
-        the step's CUDA graph: greedy steps follow each other with a 4-byte read per token on the
-        host. The fp32 logits are returned too (Relax's CUDA-graph rewrite fails on a function
-        whose outputs all alias its inputs); their cast runs after the graph, as decode's does.
-        On several GPUs every rank picks a token and the controller feeds worker 0's to all: ranks
-        whose logits differ in the last bit could pick differently at a near tie."""
-        logits, new_caches = self._logits(token, pos, caches, comm)
-        token, pos = op.tensor_ir_inplace_op(
-            greedy_next(self.cfg.vocab_size, logits.dtype, self.vendor), "greedy_next", [logits, token, pos], [1, 2],
-            [nn.Tensor.placeholder([1], "int32"), nn.Tensor.placeholder([1], "int32")])
-        return op.astype(logits, "float32"), token, pos, new_caches
-
     def decode_nccl(self, token, pos, caches):
         """decode with NCCL all-reduces: what a fused build runs where peer access is missing."""
         return self.decode(token, pos, caches)
-
-    def decode_greedy_nccl(self, token, pos, caches):
-        return self.decode_greedy(token, pos, caches)
 
     def prefill(self, tokens, pos, last, caches):
         """prefill_<n>(tokens [n], pos [1], last [1], caches) -> (logits [1, V] fp32, caches): token t
@@ -262,13 +257,12 @@ class Llama(nn.Module):
         dt = act_dtype(self.quant)
         caches = [spec.Tensor(list(self.cache_shape()), dt) for _ in range(2 * self.cfg.num_hidden_layers)]
         decode = {"token": spec.Tensor([1], "int32"), "pos": spec.Tensor([1], "int32"), "caches": caches}
-        steps = {"decode": decode, "decode_greedy": decode}
+        steps = {"decode": decode}
         if self.fused_allreduce:   # the regions of each GPU's peer-visible buffer (rank-relative)
             comm = [spec.Tensor(list(shape), dtype) for _, shape, dtype in comm_regions(self.cfg.hidden_size, self.shards)
                     for _ in range(self.shards)]
-            # the _nccl steps: the fallback where peers cannot reach each other
-            steps = {"decode": {**decode, "comm": comm}, "decode_greedy": {**decode, "comm": comm},
-                     "decode_nccl": decode, "decode_greedy_nccl": decode}
+            # decode_nccl: the fallback where peers cannot reach each other
+            steps = {"decode": {**decode, "comm": comm}, "decode_nccl": decode}
         mod, params = self.export_tvm(spec={**steps, **self.prefill_specs(caches)})
         # Relax's CUDA-graph rewrite captures only what depends on arguments past `num_input`
         # (the weights). The runtime passes the very same token, position and cache tensors on

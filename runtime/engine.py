@@ -79,7 +79,7 @@ class Model:
         # prompt lengths the build has a prefill step for; (): prompts go token by token
         self.prefill_buckets = tuple(self.conf.get("prefill_buckets", ()))
         self.allreduce_used = self.conf.get("allreduce")   # a sharded model may fall back to nccl
-        self.device_greedy = bool(self.conf.get("device_greedy"))   # builds before it have no decode_greedy
+        self.device_greedy = bool(self.conf.get("device_greedy"))   # older builds' steps leave it to the host
         self.tokenizer = self._load_tokenizer()
 
     def close(self) -> None:
@@ -139,14 +139,14 @@ class Model:
         """One decode step; the logits [1, V] stay on the device."""
         self.token.copyfrom(np.array([token], np.int32))
         self.pos.copyfrom(np.array([pos], np.int32))
-        return self._decode("decode")[0]
+        return self._decode()[0]
 
-    def _decode(self, step: str):
-        """Run `step` (decode or decode_greedy) on the token and position buffers."""
+    def _decode(self):
+        """One decode step on the token and position buffers: (logits, [token, pos,] caches)."""
         if self.comm:
-            return self.vm[step](self.token, self.pos, self.caches, self.comm, *self.params)
-        if self.conf.get("allreduce") == "fused":   # GPUs that cannot reach each other's memory: the NCCL variant
-            step += "_nccl"
+            return self.vm["decode"](self.token, self.pos, self.caches, self.comm, *self.params)
+        # a fused build whose GPUs cannot reach each other's memory runs its NCCL variant
+        step = "decode_nccl" if self.conf.get("allreduce") == "fused" else "decode"
         return self.vm[step](self.token, self.pos, self.caches, *self.params)
 
     def greedy_step(self, token: int | None = None, pos: int | None = None, read: bool = True) -> int | None:
@@ -157,7 +157,7 @@ class Model:
             self._check_pos(pos)
             self.token.copyfrom(np.array([token], np.int32))
             self.pos.copyfrom(np.array([pos], np.int32))
-        self._decode("decode_greedy")
+        self._decode()
         return int(self.token.numpy()[0]) if read else None
 
     def run_prefill(self, tokens, pos: int):
@@ -256,7 +256,8 @@ class Model:
               host_argmax: bool = False) -> dict:
         """Decode tokens/s, prefill time, memory, and the fraction of the memory roofline. Greedy
         decoding picks its tokens on the device where the build can (`host_argmax`: copy the
-        logits out and take the argmax in NumPy instead, to compare the two)."""
+        logits out and take the argmax in NumPy instead, to compare the two; the step's own argmax
+        kernel still runs, unused)."""
         from ..tuner.measure import copy_bandwidth
 
         if prompt_len < 1 or gen_len < 1 or repeat < 1:

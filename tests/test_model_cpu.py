@@ -104,7 +104,7 @@ def test_q4f16_1_matches_dequantized_reference(hf_dir, built):
 
 @pytest.mark.parametrize("quant", ["q0f32", "q4f16_1", "q0f16"])
 def test_greedy_on_the_device_picks_the_hosts_ids(built, quant):
-    """decode_greedy (argmax and position advance in the compiled step) against decode with the
+    """The argmax and position advance in the compiled step against the same step with the
     logits copied out and argmax taken by NumPy: the same kernels, so the very same ids."""
     model = load(str(built[quant]))
     assert model.device_greedy
@@ -180,7 +180,7 @@ def test_cuda_and_rocm_builds_without_a_gpu(tmp_path):
     assert conf["use_cuda_graph"] and {k["source"] for k in conf["kernels"]} <= {"dlight", "default knobs", "database"}
     # the default buckets (16, 64, 256), capped at the capacity; decode and each prefill one CUDA graph
     assert conf["prefill_buckets"] == [16, 32]
-    assert conf["cuda_graphs"] == {"decode": 1, "decode_greedy": 1, "prefill_16": 1, "prefill_32": 1}
+    assert conf["cuda_graphs"] == {"decode": 1, "prefill_16": 1, "prefill_32": 1}
     r = shardtune("generate", out, "--prompt-ids", "1,2")
     if r.returncode != 0:    # no GPU here: one clear line
         assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and r.stderr.count("\n") == 1
@@ -292,7 +292,7 @@ def test_prefill_kernels_compile_for_sm90_inside_the_model(tmp_path, monkeypatch
     conf = build(str(tmp_path / "q4"), model="tiny", random_weights=True, quant="q4f16_1", arch="sm_90",
                  capacity=64, db=None, prefill=(8, 64))
     assert conf["prefill_buckets"] == [8, 64]
-    assert conf["cuda_graphs"] == {"decode": 1, "decode_greedy": 1, "prefill_8": 1, "prefill_64": 1}
+    assert conf["cuda_graphs"] == {"decode": 1, "prefill_8": 1, "prefill_64": 1}
     src = built_ex[-1].mod.imports[0].imports[0].inspect_source()
     kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", src))
     assert "greedy_next_kernel" in kernels
@@ -305,7 +305,7 @@ def test_prefill_kernels_compile_for_sm90_inside_the_model(tmp_path, monkeypatch
             assert len(tvm.support.nvcc.compile_cuda(src, target_format="cubin", compiler="nvcc")) > 10_000
     conf = build(str(tmp_path / "tp2"), model="tiny", random_weights=True, quant="q0f16", arch="sm_90", shards=2,
                  capacity=64, db=None, prefill=(16,), allreduce="nccl")
-    assert conf["cuda_graphs"] == {"decode": 1, "decode_greedy": 1, "prefill_16": 1}
+    assert conf["cuda_graphs"] == {"decode": 1, "prefill_16": 1}
     # the row-parallel o and down layers' partial sums: one all-reduce each per layer, in the graph
     graph = built_ex[-1].as_text().split("@prefill_16_cuda_graph_capture:\n")[1].split("\n@")[0]
     assert graph.count("call  runtime.disco.allreduce") == 2 * 2

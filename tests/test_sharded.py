@@ -94,7 +94,7 @@ def test_gfx1100_two_shard_model_builds(tmp_path):
 
 
 def test_gfx1100_one_gpu_model_builds_with_its_greedy_step(tmp_path):
-    """One Radeon: decode_greedy's argmax has no CUDA warp shuffle there (TVM's ROCm backend is
+    """One Radeon: the decode step's argmax has no CUDA warp shuffle there (TVM's ROCm backend is
     LLVM), it takes its other path through shared memory."""
     path = tmp_path / "tiny-gfx1100"
     conf = shardtune.build(str(path), model="tiny", random_weights=True, quant="q4f16_1", arch="gfx1100",
@@ -183,7 +183,7 @@ def test_nvidia_tp_builds_fuse_the_allreduce_and_keep_an_nccl_decode(tmp_path):
     sites = {k["site"]: k["template"] for k in conf["kernels"]}
     assert conf["allreduce"] == "fused" and sites["allreduce_norm"] == "allreduce_add_norm"
     assert sites["add_norm"] == "add_rms_norm"   # decode_nccl's, for GPUs without peer access
-    assert conf["cuda_graphs"] == {"decode": 1, "decode_greedy": 1, "decode_nccl": 1, "decode_greedy_nccl": 1}
+    assert conf["cuda_graphs"] == {"decode": 1, "decode_nccl": 1}
     for arch, shards in (("sm_90", 1), ("gfx1100", 2)):
         res = _cli("build", "--model", "tiny", "--random-weights", "--arch", arch, "--shards", str(shards),
                    "--allreduce", "fused", "-o", str(tmp_path / f"bad-{arch}"))
