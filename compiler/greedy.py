@@ -53,18 +53,17 @@ def greedy_next(V: int, dtype: str, vendor: str):
                         T.buffer_store(best_v, v, [0])
                         T.buffer_store(best_i, i, [0])
 
-            T.buffer_store(best_v, T.float32(float("-inf")), [0])
-            T.buffer_store(best_i, T.int32(V), [0])
+            def reset():   # nothing seen yet
+                T.buffer_store(best_v, T.float32(float("-inf")), [0])
+                T.buffer_store(best_i, T.int32(V), [0])
+
+            reset()
             with T.serial(0, (V + threads - 1) // threads) as j:   # coalesced: thread t reads t, t + 1024, ...
                 k = j * threads + tx
                 with T.If(k < V):
                     with T.Then():
                         candidate(T.Cast("float32", logits[0, k]), k)
             if gpu:
-                def reset():
-                    T.buffer_store(best_v, T.float32(float("-inf")), [0])
-                    T.buffer_store(best_i, T.int32(V), [0])
-
                 last_v = T.alloc_buffer((LANES,), "float32", scope="shared")
                 last_i = T.alloc_buffer((LANES,), "int32", scope="shared")
                 if vendor == "nvidia":

@@ -130,9 +130,7 @@ class ShardedModel(Model):
             token, pos = self._last[0], self._last[1] + 1
         self._check_pos(pos)
         remote = self.sess.call_packed(self._greedy, token, pos)
-        self.sess.copy_from_worker_0(self.next_token, remote)
-        self.sess.sync_worker_0()
-        self._last = (int(self.next_token.numpy()[0]), pos)
+        self._last = (int(self._from_worker_0(self.next_token, remote).numpy()[0]), pos)
         return self._last[0]
 
     def run_prefill(self, tokens, pos: int):
@@ -140,9 +138,13 @@ class ShardedModel(Model):
 
     def _logits_of(self, remote):
         """Worker 0's logits (every worker holds the same), into host memory."""
-        self.sess.copy_from_worker_0(self.logits, remote)
+        return self._from_worker_0(self.logits, remote)
+
+    def _from_worker_0(self, host, remote):
+        """Worker 0's tensor `remote`, copied into the host tensor `host`."""
+        self.sess.copy_from_worker_0(host, remote)
         self.sess.sync_worker_0()
-        return self.logits
+        return host
 
     def device_name(self) -> str:
         return f"{self.shards} x {super().device_name()}"
