@@ -7,8 +7,13 @@
 #   3: its build, bench and per-kernel profile; the 7B q0f16 GEMVs tuned into the same database,
 #      that build and bench
 #   4: Llama-2-70B TP2 attention and norms tuned (issue 4's bars; not run yet)
+# Session 7, the RMSNorm folded into the QKV and gate/up GEMVs:
+#   5: GPU tests of those templates and of the model
+#   6: the 7B q4f16_1 GEMVs tuned again (seeded with the reference's H100 records)
+#   7: that build, bench and profile; in the same call the build before this session (the tree of
+#      the commit before, staged in .device/base) from the reference database, benched
 # Usage: bash benchmarks/device_h100_7b.sh PHASE   (results: $OUT/phaseN.tar.gz)
-PHASE=${1:?phase 1, 2, 3 or 4}
+PHASE=${1:?phase 1 to 7}
 source benchmarks/device_env.sh
 W=/tmp/work; mkdir -p $W
 DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
@@ -52,5 +57,31 @@ EOF
   step timeout 170 python3 -m shardtune tune --arch sm_90 --model llama2-70b --shards 2 --kernels attention,norm \
     --time-budget 120 --trials-per-kernel 48 --db $W/h100.db --no-progress
   st db export $W/h100.db -o "$OUT/h100_db.jsonl" ;;
+5)
+  step timeout 250 python3 -m pytest -q -x tests/gpu/test_gemv_gpu.py -k "norm"
+  step timeout 300 python3 -m pytest -q -x tests/gpu/test_model_gpu.py ;;
+6)
+  python3 - <<'EOF'
+import json
+with open("/tmp/work/h100_seed.jsonl", "w") as out:
+    for line in open("database/reference/sm_90.jsonl"):
+        if "H100" in json.loads(line)["device"]:
+            out.write(line)
+EOF
+  st db import $W/h100.db $W/h100_seed.jsonl
+  step timeout 480 python3 -m shardtune tune --arch sm_90 --model llama2-7b --shards 1 --kernels gemv --time-budget 420 \
+    --trials-per-kernel 160 --db $W/h100.db --no-progress
+  st db export $W/h100.db -o "$OUT/h100_db.jsonl" ;;
+7)
+  step timeout 200 python3 -m shardtune build --model llama2-7b --random-weights --quant q4f16_1 --arch sm_90 \
+    --db $W/h100.db -o $W/7b-q4-fused
+  step timeout 60 python3 -m shardtune bench $W/7b-q4-fused --json "$OUT/bench_llama2-7b_q4f16_1_fused_norm.json"
+  step timeout 60 python3 benchmarks/decode_profile.py $W/7b-q4-fused --json "$OUT/profile_llama2-7b_q4f16_1_fused_norm.json"
+  mkdir -p /tmp/basepkg && ln -sfn "$PWD/.device/base" /tmp/basepkg/shardtune
+  step timeout 200 env PYTHONPATH=/tmp/basepkg:$PYTHONPATH python3 -m shardtune build --model llama2-7b --random-weights \
+    --quant q4f16_1 --arch sm_90 -o $W/7b-q4-before
+  step timeout 60 env PYTHONPATH=/tmp/basepkg:$PYTHONPATH python3 -m shardtune bench $W/7b-q4-before \
+    --json "$OUT/bench_llama2-7b_q4f16_1_before.json"
+  step timeout 60 python3 -m shardtune bench $W/7b-q4-fused --json "$OUT/bench_llama2-7b_q4f16_1_fused_norm_again.json" ;;
 esac
 tar czf "$OUT/phase$PHASE.tar.gz" -C "$OUT" --exclude="phase*.tar.gz" .
