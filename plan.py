@@ -49,11 +49,6 @@ def check_quant(quant: str) -> None:
         raise UserError(f"unknown quantization {quant!r}: use one of {', '.join(QUANTS)}")
 
 
-def norm_in_gemv(plan: dict) -> bool:
-    """Whether the QKV and gate/up GEMVs apply the RMSNorm before them (given plan_by_site)."""
-    return "qkv" in plan and plan["qkv"].template.endswith("_norm")
-
-
 def residual_in_gemv(quant: str, shards: int) -> bool:
     """q4f16_1 on one GPU adds the residual in the o/down GEMV epilogue. Otherwise an add
     fused into the next RMSNorm does it (on several GPUs an all-reduce stands between)."""
@@ -86,20 +81,17 @@ def decode_plan(cfg: LlamaConfig, quant: str, shards: int, batch: int = 1,
 
     plain = "q0f16_gemv" if quant == "q0f16" else "q4f16_1_gemv"
     fused = residual_in_gemv(quant, shards)
-    norm_templates = abs(cfg.rms_norm_eps - TEMPLATE_EPS) < 1e-12   # otherwise TVM's rms_norm operator
-    # q4f16_1 on one GPU: the QKV and gate/up GEMVs do the RMSNorm before them (norm_in_gemv)
-    normed = "_norm" if fused and norm_templates else ""
-    gemv("qkv", plain + normed, (hq + 2 * hkv) * hd, h, L)
+    gemv("qkv", plain, (hq + 2 * hkv) * hd, h, L)
     gemv("o", "q4f16_1_gemv_residual" if fused else plain, h, hq * hd, L)
-    gemv("gate_up", "q4f16_1_gemv_silu_mul" + normed if quant == "q4f16_1" else plain,
+    gemv("gate_up", "q4f16_1_gemv_silu_mul" if quant == "q4f16_1" else plain,
          2 * cfg.intermediate_size // shards, h, L)
     gemv("down", "q4f16_1_gemv_residual" if fused else plain, h, cfg.intermediate_size // shards, L)
     gemv("lm_head", "q0f16_gemv", cfg.vocab_size, h, 1)   # the head stays fp16, replicated
 
-    if norm_templates:
+    if abs(cfg.rms_norm_eps - TEMPLATE_EPS) < 1e-12:      # otherwise TVM's rms_norm operator
         norm = {"batch": batch, "H": h}
-        if fused:   # the last one, before the LM head
-            calls.append(KernelCall("norm", "rms_norm", norm, 1))
+        if fused:
+            calls.append(KernelCall("norm", "rms_norm", norm, 2 * L + 1))
         elif allreduce == "fused" and shards > 1 and batch == 1:   # all-reduce, add and norm: one kernel
             calls.append(KernelCall("norm", "rms_norm", norm, 1))
             calls.append(KernelCall("allreduce_norm", "allreduce_add_norm", {**norm, "shards": shards}, 2 * L))

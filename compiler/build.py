@@ -66,17 +66,10 @@ def apply_database(mod, db, arch: str, shards: int, target, device: str | None =
                 entry["tuned_at_shards"] = tuned_at
         else:
             sched = None
-            # A template that extends another with the same knobs (a GEMV that does the norm before
-            # it too) takes that one's best knobs for the shape until it has records of its own.
-            base = getattr(tpl, "warm_start_from", None)
-            base_rec = _best_record(db, base, tag["workload"], arch, shards, device)[0] if base else None
-            if base_rec is not None:
-                knobs = base_rec.knobs
-                entry.update(source=f"knobs of {base}", knobs=knobs, measured_on=base_rec.device)
-            elif target_is_gpu(target) and tpl.dlight_baseline:
+            if target_is_gpu(target) and tpl.dlight_baseline:
                 sched = tpl.dlight_schedule(tag["workload"], target, fallback=False)
                 entry["source"] = "dlight"
-            if sched is None and base_rec is None:   # dlight cannot, or would only give one thread per output
+            if sched is None:   # dlight cannot, or would only give one thread per output
                 knobs = tpl.default_knobs(tag["workload"], target)
                 entry.update(source="default knobs", knobs=knobs)
         if entry["source"] != "dlight":

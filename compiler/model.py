@@ -21,7 +21,7 @@ from tvm.relax.frontend.nn import op, spec
 from ..kernels import get_template
 from ..kernels.allreduce_add_norm import comm_regions
 from ..models import LlamaConfig
-from ..plan import KernelCall, decode_plan, norm_in_gemv, plan_by_site, prefill_plan, residual_in_gemv
+from ..plan import KernelCall, decode_plan, plan_by_site, prefill_plan, residual_in_gemv
 from .dequantize import dequantize_q4
 from .greedy import greedy_next
 
@@ -119,7 +119,6 @@ class Llama(nn.Module):
         self.norm = Weight((cfg.hidden_size,), dt)
         self.lm_head = Linear(cfg.vocab_size, cfg.hidden_size, "q0f32" if quant == "q0f32" else "q0f16")
         self.fused_residual = residual_in_gemv(quant, shards)
-        self.fused_norm = norm_in_gemv(self.plan)
 
     # --- pieces ---------------------------------------------------------------
     def _norm(self, x, weight, residual=None):
@@ -145,19 +144,17 @@ class Llama(nn.Module):
         """Row-parallel layers leave partial sums on each shard."""
         return op.ccl_allreduce(partial, "sum") if self.shards > 1 else partial
 
-    def _attention(self, layer: Layer, y, pos, k_cache, v_cache, new_caches: list, norm=None):
-        """`norm`: the RMSNorm weight, where the QKV GEMV applies the norm to y itself."""
-        qkv = layer.qkv(y, self.plan.get("qkv"), extra=(norm,) if norm is not None else ())
+    def _attention(self, layer: Layer, y, pos, k_cache, v_cache, new_caches: list):
+        qkv = layer.qkv(y, self.plan.get("qkv"))
         k_cache, v_cache, q = template_op(self.plan["rope"], [qkv, pos, k_cache, v_cache], inplace=[2, 3])
         new_caches += [k_cache, v_cache]
         out = template_op(self.plan["attention"], [q, k_cache, v_cache, pos])
         return out[0] if isinstance(out, (list, tuple)) else out   # the rest is scratch
 
-    def _mlp(self, layer: Layer, y, norm=None):
-        """SiLU(gate) * up: fused into the q4 GEMV (with the RMSNorm before it, given its
-        weight `norm`), TVM's operators otherwise."""
+    def _mlp(self, layer: Layer, y):
+        """SiLU(gate) * up: fused into the q4 GEMV, TVM's operators otherwise."""
         if self.quant == "q4f16_1":
-            return layer.gate_up(y, self.plan["gate_up"], extra=(norm,) if norm is not None else ())
+            return layer.gate_up(y, self.plan["gate_up"])
         gate, up = op.split(layer.gate_up(y, self.plan.get("gate_up")), 2, axis=-1)
         return op.silu(gate) * up
 
@@ -180,14 +177,7 @@ class Llama(nn.Module):
         """(logits [1, V] in the activation dtype, caches) of one step."""
         h = op.take(self.embed.weight, token, axis=0)          # [1, H]
         new_caches = []
-        if self.fused_norm:         # the o/down GEMVs add the residual, the QKV and gate/up GEMVs norm
-            for i, layer in enumerate(self.layers):
-                a = self._attention(layer, h, pos, caches[2 * i], caches[2 * i + 1], new_caches,
-                                    norm=layer.input_norm.weight)
-                h = layer.o(a, self.plan["o"], extra=(h,))
-                h = layer.down(self._mlp(layer, h, norm=layer.post_norm.weight), self.plan["down"], extra=(h,))
-            y, _ = self._norm(h, self.norm.weight)
-        elif self.fused_residual:   # the o/down GEMVs add the residual
+        if self.fused_residual:     # the o/down GEMVs add the residual
             for i, layer in enumerate(self.layers):
                 y, _ = self._norm(h, layer.input_norm.weight)
                 a = self._attention(layer, y, pos, caches[2 * i], caches[2 * i + 1], new_caches)

@@ -21,7 +21,7 @@ TEMPLATES = sorted(n for n in all_templates() if n not in OTHER_SHAPES)
 
 def as_workload(name, batch, N, K):
     """A GEMV shape, or for a norm template the hidden size K."""
-    return {"batch": batch, "H": K} if "rms_norm" in name else {"batch": batch, "N": N, "K": K, "quant": "q4f16_1"}
+    return {"batch": batch, "H": K} if "norm" in name else {"batch": batch, "N": N, "K": K, "quant": "q4f16_1"}
 
 
 def run_cpu(tpl, wl, knobs, seed=0):

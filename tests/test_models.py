@@ -48,22 +48,3 @@ def test_hf_config_and_bad_configs(tmp_path):
         load_config(str(tmp_path / "config.json"))
     with pytest.raises(UserError, match="unknown model"):
         load_config("llama9-1t")
-
-
-def test_one_gpu_q4_plan_folds_the_norms_into_the_gemvs():
-    """q4f16_1 on one GPU: the QKV and gate/up GEMVs do the RMSNorm before them, so a step runs
-    one norm kernel (before the LM head), not 2 per layer + 1. Elsewhere the norms stay apart."""
-    import dataclasses
-
-    from shardtune.plan import decode_plan, plan_by_site
-
-    cfg = PRESETS["llama2-7b"]
-    plan = plan_by_site(decode_plan(cfg, "q4f16_1", 1))
-    assert (plan["qkv"].template, plan["gate_up"].template) == ("q4f16_1_gemv_norm", "q4f16_1_gemv_silu_mul_norm")
-    assert plan["norm"].per_token == 1 and "add_norm" not in plan
-    for quant, shards in (("q4f16_1", 2), ("q0f16", 1)):
-        plan = plan_by_site(decode_plan(cfg, quant, shards))
-        assert not plan["qkv"].template.endswith("_norm") and plan["add_norm"].per_token == 2 * cfg.num_hidden_layers
-    # an epsilon the templates do not have: TVM's rms_norm, and GEMVs without the norm
-    plan = plan_by_site(decode_plan(dataclasses.replace(cfg, rms_norm_eps=1e-6), "q4f16_1", 1))
-    assert plan["qkv"].template == "q4f16_1_gemv" and "norm" not in plan

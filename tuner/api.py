@@ -249,17 +249,10 @@ def _command_line() -> str:
 
 
 def _warm_knobs(store, tpl, wl, arch, target, limit: int = 4) -> list[dict]:
-    """Knobs that won for the same template and arch on other shapes and shard counts. First, for
-    a template that extends another with the same knobs (`warm_start_from`: a GEMV that also does
-    the norm before it), the fastest of that one's records of this very shape."""
-    out, recs = [], []
-    base = getattr(tpl, "warm_start_from", None)
-    if base:
-        recs = sorted((r for r in store.records(arch=arch, template=base) if r.workload == wl),
-                      key=lambda r: r.latency_us)
-    recs += [r for r in store.records(arch=arch, template=tpl.name) if r.workload != wl]
-    for rec in recs:
-        if rec.knobs not in out and tpl.check(wl, rec.knobs, target) is None:
+    """Knobs that won for the same template and arch on other shapes and shard counts."""
+    out = []
+    for rec in store.records(arch=arch, template=tpl.name):
+        if rec.workload != wl and rec.knobs not in out and tpl.check(wl, rec.knobs, target) is None:
             try:
                 tpl.validate_knobs(rec.knobs)
             except ValueError:

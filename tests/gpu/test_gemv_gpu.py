@@ -18,7 +18,7 @@ def _workloads(tpl):
         insts = kernel_instances("llama2-70b", 2, ["attention"]) + kernel_instances("llama2-7b", 1, ["attention"])
         return [i.workload for i in insts if i.template == tpl.name]
     shapes = [(1, 4096, 4096), (4, 1024, 11008), (2, 2048, 5504)]
-    if "rms_norm" in tpl.name:
+    if "norm" in tpl.name:
         return [{"batch": b, "H": k} for b, n, k in shapes]
     return [{"batch": b, "N": n, "K": k, "quant": "q4f16_1"} for b, n, k in shapes]
 
