@@ -12,8 +12,11 @@
 #   6: the 7B q4f16_1 GEMVs tuned again (seeded with the reference's H100 records)
 #   7: that build, bench and profile; in the same call the build before this session (the tree of
 #      the commit before, staged in .device/base) from the reference database, benched
+#   8: the argmax kernel loading its logits in chunks, and greedy tokens read 8 steps at a time: a
+#      build from the reference database, its ids against the host's argmax, bench and profile,
+#      beside the build before (.device/base) in the same call
 # Usage: bash benchmarks/device_h100_7b.sh PHASE   (results: $OUT/phaseN.tar.gz)
-PHASE=${1:?phase 1 to 7}
+PHASE=${1:?phase 1 to 8}
 source benchmarks/device_env.sh
 W=/tmp/work; mkdir -p $W
 DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
@@ -83,5 +86,16 @@ EOF
   step timeout 60 env PYTHONPATH=/tmp/basepkg:$PYTHONPATH python3 -m shardtune bench $W/7b-q4-before \
     --json "$OUT/bench_llama2-7b_q4f16_1_before.json"
   step timeout 60 python3 -m shardtune bench $W/7b-q4-fused --json "$OUT/bench_llama2-7b_q4f16_1_fused_norm_again.json" ;;
+8)
+  step timeout 200 python3 -m shardtune build --model llama2-7b --random-weights --quant q4f16_1 --arch sm_90 -o $W/7b-q4-now
+  step timeout 60 python3 -c "import shardtune, sys; m = shardtune.load(sys.argv[1]); p = list(range(1, 9)); d = m.generate(p, max_new_tokens=21); h, _ = m.generate(p, max_new_tokens=21, return_logits=True); print('device ids == host ids:', d == h, d); sys.exit(d != h)" $W/7b-q4-now
+  step timeout 60 python3 -m shardtune bench $W/7b-q4-now --json "$OUT/bench_llama2-7b_q4f16_1_chunked_argmax.json"
+  step timeout 60 python3 benchmarks/decode_profile.py $W/7b-q4-now --json "$OUT/profile_llama2-7b_q4f16_1_chunked_argmax.json"
+  mkdir -p /tmp/basepkg && ln -sfn "$PWD/.device/base" /tmp/basepkg/shardtune
+  step timeout 200 env PYTHONPATH=/tmp/basepkg:$PYTHONPATH python3 -m shardtune build --model llama2-7b --random-weights \
+    --quant q4f16_1 --arch sm_90 -o $W/7b-q4-before
+  step timeout 60 env PYTHONPATH=/tmp/basepkg:$PYTHONPATH python3 -m shardtune bench $W/7b-q4-before \
+    --json "$OUT/bench_llama2-7b_q4f16_1_before.json"
+  step timeout 60 python3 -m shardtune bench $W/7b-q4-now --json "$OUT/bench_llama2-7b_q4f16_1_chunked_argmax_again.json" ;;
 esac
 tar czf "$OUT/phase$PHASE.tar.gz" -C "$OUT" --exclude="phase*.tar.gz" .

@@ -3,7 +3,7 @@ token buffer, and the position advances by one, so decode steps follow each othe
 but a 4-byte read of the token per step on the host (no logits copy, no host argmax).
 
 Ties go to the lowest index, as np.argmax. Not a template: one block, a few microseconds; the
-GPU version is written already scheduled (a strided scan per thread, then on NVIDIA warp shuffles
+GPU version is written already scheduled (a strided scan per thread, loads in chunks, then on NVIDIA warp shuffles
 and one shared-memory round; elsewhere two shared-memory rounds, as TVM's ROCm backend is LLVM and
 has no CUDA shuffle to call), the CPU version is a plain loop."""
 from __future__ import annotations
@@ -15,6 +15,7 @@ from tvm.script.ir_builder import tirx as T
 
 THREADS = 1024
 LANES = 32   # the last round's width
+CHUNK = 16   # logits a thread loads before comparing them
 
 
 def greedy_next(V: int, dtype: str, vendor: str):
@@ -58,11 +59,18 @@ def greedy_next(V: int, dtype: str, vendor: str):
                 T.buffer_store(best_i, T.int32(V), [0])
 
             reset()
-            with T.serial(0, (V + threads - 1) // threads) as j:   # coalesced: thread t reads t, t + 1024, ...
-                k = j * threads + tx
-                with T.If(k < V):
-                    with T.Then():
-                        candidate(T.Cast("float32", logits[0, k]), k)
+            # Coalesced: thread t reads t, t + 1024, ... CHUNK loads at a time, all issued before the
+            # first compare (a load per compare left one load in flight per thread: 14 us for
+            # 32000 logits on an H100). Past V, -inf at index >= V never beats the reset best.
+            vals = T.alloc_buffer((CHUNK,), "float32", scope="local")
+            per_thread = (V + threads - 1) // threads
+            with T.serial(0, (per_thread + CHUNK - 1) // CHUNK) as c:
+                with T.unroll(0, CHUNK) as e:
+                    k = (c * CHUNK + e) * threads + tx
+                    T.buffer_store(vals, T.if_then_else(k < V, T.Cast("float32", logits[0, T.min(k, V - 1)]),
+                                                        T.float32(float("-inf"))), [e])
+                with T.unroll(0, CHUNK) as e:
+                    take(vals[e], (c * CHUNK + e) * threads + tx)
             if gpu:
                 last_v = T.alloc_buffer((LANES,), "float32", scope="shared")
                 last_i = T.alloc_buffer((LANES,), "int32", scope="shared")

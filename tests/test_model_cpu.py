@@ -112,6 +112,14 @@ def test_greedy_on_the_device_picks_the_hosts_ids(built, quant):
         on_device = model.generate(prompt, max_new_tokens=30)
         on_host, _ = model.generate(prompt, max_new_tokens=30, return_logits=True)
         assert on_device == on_host and len(set(on_device)) > 1, (on_device, on_host)
+    # read in batches of 8 (generate, bench): 11 tokens end inside the second batch; an end-of-
+    # sequence token inside a batch ends the run there, the tokens picked after it dropped
+    assert model.generate(LONG, max_new_tokens=11) == on_device[:11]
+    model.conf["eos_token_id"] = on_device[5]
+    streamed = []
+    stopped = model.generate(LONG, max_new_tokens=30, on_token=streamed.append)
+    del model.conf["eos_token_id"]
+    assert stopped == streamed == on_device[:on_device.index(on_device[5]) + 1]
     # steps launched without reading their tokens (decode_profile.py): the same run, read at the end
     first = int(np.argmax(model.prefill(LONG)))
     model.greedy_step(first, len(LONG), read=False)
