@@ -26,15 +26,9 @@ bench2() {   # bench2 MODEL_DIR NAME: device argmax, then host argmax, on the sa
   step timeout 90 python3 -m shardtune bench "$1" --json "$OUT/bench_${2}_device_argmax.json"
   step timeout 90 python3 -m shardtune bench "$1" --host-argmax --json "$OUT/bench_${2}_host_argmax.json"
 }
-case $PHASE in
-1)
-  step timeout 240 python3 -m pytest -q -x tests/gpu/test_model_gpu.py
-  for q in q4f16_1 q0f16; do
-    step timeout 150 python3 -m shardtune build --model llama2-7b --random-weights --quant $q --arch sm_90 -o $W/7b-$q-ref
-    bench2 $W/7b-$q-ref llama2-7b_${q}_ref
-  done ;;
-2)
-  python3 - <<'EOF'   # the reference's H100 records (norms, rope, attention): the seed
+tune_7b_seeded() {   # tune_7b_seeded SECONDS TRIALS: the 7B q4f16_1 GEMVs, into a database seeded with the
+  # reference's H100 records (norms, RoPE, attention)
+  python3 - <<'EOF'
 import json
 with open("/tmp/work/h100_seed.jsonl", "w") as out:
     for line in open("database/reference/sm_90.jsonl"):
@@ -42,9 +36,31 @@ with open("/tmp/work/h100_seed.jsonl", "w") as out:
             out.write(line)
 EOF
   st db import $W/h100.db $W/h100_seed.jsonl
-  step timeout 420 python3 -m shardtune tune --arch sm_90 --model llama2-7b --shards 1 --kernels gemv --time-budget 360 \
-    --trials-per-kernel 128 --db $W/h100.db --no-progress
-  st db export $W/h100.db -o "$OUT/h100_db.jsonl" ;;
+  step timeout $(($1 + 60)) python3 -m shardtune tune --arch sm_90 --model llama2-7b --shards 1 --kernels gemv \
+    --time-budget $1 --trials-per-kernel $2 --db $W/h100.db --no-progress
+  st db export $W/h100.db -o "$OUT/h100_db.jsonl"
+}
+against_before() {   # against_before NAME [BUILD ARGS]: this tree's 7B q4f16_1 build (ids against the host's
+  # argmax, bench, profile) and the tree before's (.device/base, reference database), benched in one call
+  local now=$W/7b-q4-$1 before=$W/7b-q4-before json="$OUT/bench_llama2-7b_q4f16_1"; shift
+  step timeout 200 python3 -m shardtune build --model llama2-7b --random-weights --quant q4f16_1 --arch sm_90 "$@" -o $now
+  step timeout 60 python3 -c "import shardtune, sys; m = shardtune.load(sys.argv[1]); p = list(range(1, 9)); d = m.generate(p, max_new_tokens=21); h, _ = m.generate(p, max_new_tokens=21, return_logits=True); print('device ids == host ids:', d == h, d); sys.exit(d != h)" $now
+  step timeout 60 python3 -m shardtune bench $now --json "${json}_${now##*-q4-}.json"
+  step timeout 60 python3 benchmarks/decode_profile.py $now --json "$OUT/profile_llama2-7b_q4f16_1_${now##*-q4-}.json"
+  mkdir -p /tmp/basepkg && ln -sfn "$PWD/.device/base" /tmp/basepkg/shardtune
+  step timeout 200 env PYTHONPATH=/tmp/basepkg:$PYTHONPATH python3 -m shardtune build --model llama2-7b --random-weights \
+    --quant q4f16_1 --arch sm_90 -o $before
+  step timeout 60 env PYTHONPATH=/tmp/basepkg:$PYTHONPATH python3 -m shardtune bench $before --json "${json}_before.json"
+  step timeout 60 python3 -m shardtune bench $now --json "${json}_${now##*-q4-}_again.json"
+}
+case $PHASE in
+1)
+  step timeout 240 python3 -m pytest -q -x tests/gpu/test_model_gpu.py
+  for q in q4f16_1 q0f16; do
+    step timeout 150 python3 -m shardtune build --model llama2-7b --random-weights --quant $q --arch sm_90 -o $W/7b-$q-ref
+    bench2 $W/7b-$q-ref llama2-7b_${q}_ref
+  done ;;
+2) tune_7b_seeded 360 128 ;;
 3)   # a 7B build takes 100-130 s on this machine
   step timeout 200 python3 -m shardtune build --model llama2-7b --random-weights --quant q4f16_1 --arch sm_90 \
     --db $W/h100.db -o $W/7b-q4f16_1-h100
@@ -63,39 +79,8 @@ EOF
 5)
   step timeout 250 python3 -m pytest -q -x tests/gpu/test_gemv_gpu.py -k "norm"
   step timeout 300 python3 -m pytest -q -x tests/gpu/test_model_gpu.py ;;
-6)
-  python3 - <<'EOF'
-import json
-with open("/tmp/work/h100_seed.jsonl", "w") as out:
-    for line in open("database/reference/sm_90.jsonl"):
-        if "H100" in json.loads(line)["device"]:
-            out.write(line)
-EOF
-  st db import $W/h100.db $W/h100_seed.jsonl
-  step timeout 480 python3 -m shardtune tune --arch sm_90 --model llama2-7b --shards 1 --kernels gemv --time-budget 420 \
-    --trials-per-kernel 160 --db $W/h100.db --no-progress
-  st db export $W/h100.db -o "$OUT/h100_db.jsonl" ;;
-7)
-  step timeout 200 python3 -m shardtune build --model llama2-7b --random-weights --quant q4f16_1 --arch sm_90 \
-    --db $W/h100.db -o $W/7b-q4-fused
-  step timeout 60 python3 -m shardtune bench $W/7b-q4-fused --json "$OUT/bench_llama2-7b_q4f16_1_fused_norm.json"
-  step timeout 60 python3 benchmarks/decode_profile.py $W/7b-q4-fused --json "$OUT/profile_llama2-7b_q4f16_1_fused_norm.json"
-  mkdir -p /tmp/basepkg && ln -sfn "$PWD/.device/base" /tmp/basepkg/shardtune
-  step timeout 200 env PYTHONPATH=/tmp/basepkg:$PYTHONPATH python3 -m shardtune build --model llama2-7b --random-weights \
-    --quant q4f16_1 --arch sm_90 -o $W/7b-q4-before
-  step timeout 60 env PYTHONPATH=/tmp/basepkg:$PYTHONPATH python3 -m shardtune bench $W/7b-q4-before \
-    --json "$OUT/bench_llama2-7b_q4f16_1_before.json"
-  step timeout 60 python3 -m shardtune bench $W/7b-q4-fused --json "$OUT/bench_llama2-7b_q4f16_1_fused_norm_again.json" ;;
-8)
-  step timeout 200 python3 -m shardtune build --model llama2-7b --random-weights --quant q4f16_1 --arch sm_90 -o $W/7b-q4-now
-  step timeout 60 python3 -c "import shardtune, sys; m = shardtune.load(sys.argv[1]); p = list(range(1, 9)); d = m.generate(p, max_new_tokens=21); h, _ = m.generate(p, max_new_tokens=21, return_logits=True); print('device ids == host ids:', d == h, d); sys.exit(d != h)" $W/7b-q4-now
-  step timeout 60 python3 -m shardtune bench $W/7b-q4-now --json "$OUT/bench_llama2-7b_q4f16_1_chunked_argmax.json"
-  step timeout 60 python3 benchmarks/decode_profile.py $W/7b-q4-now --json "$OUT/profile_llama2-7b_q4f16_1_chunked_argmax.json"
-  mkdir -p /tmp/basepkg && ln -sfn "$PWD/.device/base" /tmp/basepkg/shardtune
-  step timeout 200 env PYTHONPATH=/tmp/basepkg:$PYTHONPATH python3 -m shardtune build --model llama2-7b --random-weights \
-    --quant q4f16_1 --arch sm_90 -o $W/7b-q4-before
-  step timeout 60 env PYTHONPATH=/tmp/basepkg:$PYTHONPATH python3 -m shardtune bench $W/7b-q4-before \
-    --json "$OUT/bench_llama2-7b_q4f16_1_before.json"
-  step timeout 60 python3 -m shardtune bench $W/7b-q4-now --json "$OUT/bench_llama2-7b_q4f16_1_chunked_argmax_again.json" ;;
+6) tune_7b_seeded 420 160 ;;
+7) against_before fused_norm --db $W/h100.db ;;
+8) against_before chunked_argmax ;;
 esac
 tar czf "$OUT/phase$PHASE.tar.gz" -C "$OUT" --exclude="phase*.tar.gz" .
