@@ -15,8 +15,10 @@
 #   8: the argmax kernel loading its logits in chunks, and greedy tokens read 8 steps at a time: a
 #      build from the reference database, its ids against the host's argmax, bench and profile,
 #      beside the build before (.device/base) in the same call
+#   9: the QKV GEMV with RoPE and the KV append in its epilogue: its GPU test, then as phase 8
+#      (the build before: the commit before it)
 # Usage: bash benchmarks/device_h100_7b.sh PHASE   (results: $OUT/phaseN.tar.gz)
-PHASE=${1:?phase 1 to 8}
+PHASE=${1:?phase 1 to 9}
 source benchmarks/device_env.sh
 W=/tmp/work; mkdir -p $W
 DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
@@ -82,5 +84,7 @@ case $PHASE in
 6) tune_7b_seeded 420 160 ;;
 7) against_before fused_norm --db $W/h100.db ;;
 8) against_before chunked_argmax ;;
+9) step timeout 200 python3 -m pytest -q -x tests/gpu/test_gemv_gpu.py -k "gemv_rope"
+   against_before rope_in_qkv ;;
 esac
 tar czf "$OUT/phase$PHASE.tar.gz" -C "$OUT" --exclude="phase*.tar.gz" .

@@ -370,3 +370,43 @@ def test_build_prefers_records_of_its_own_gpu(tmp_path):
     for device, tx in (("NVIDIA H100 80GB HBM3", 64), (None, 32), ("NVIDIA A100", 32)):
         (entry,) = apply_database(tvm.IRModule({"k": func}), db, "sm_90", 1, target, device)
         assert entry["knobs"]["tx"] == tx and entry["measured_on"] != "NVIDIA A100", (device, entry)
+
+
+def test_qkv_gemv_with_rope_takes_the_plain_gemvs_knobs_until_it_has_records(tmp_path):
+    """q4f16_1_gemv_rope has q4f16_1_gemv's knobs: without a record of its own a build takes the
+    plain QKV GEMV's best knobs for the shape, and the tuner starts its search from them."""
+    import json as _json
+
+    from shardtune.compiler.build import apply_database
+    from shardtune.compiler.model import KERNEL_ATTR
+    from shardtune.database import Record, TuningDB
+    from shardtune.database.checks import installed_tvm_version
+    from shardtune.kernels import get_template
+    from shardtune.tuner.api import _warm_knobs
+    from shardtune.tuner.targets import get_arch, target_of
+
+    base, fused = get_template("q4f16_1_gemv"), get_template("q4f16_1_gemv_rope")
+    wl = {"batch": 1, "N": 256, "K": 2048, "quant": "q4f16_1", "q_heads": 4, "kv_heads": 2, "head_dim": 32,
+          "capacity": 16, "dtype": "float16", "theta": 10000.0}
+    gemv_wl = {k: wl[k] for k in ("batch", "N", "K", "quant")}
+    target = target_of(get_arch("sm_90"))
+    tag = _json.dumps({"template": fused.name, "workload": wl, "site": "qkv"}, sort_keys=True)
+    func = fused.compute(wl).with_attr(KERNEL_ATTR, tag).with_attr("op_pattern", 8).with_attr("global_symbol", "k")
+    db = TuningDB(tmp_path / "t.db")
+
+    def add(tpl, workload, tx, us):
+        db.add(Record(template=tpl.name, template_hash=tpl.source_hash, workload=workload, arch="sm_90", shards=1,
+                      device="NVIDIA H100 80GB HBM3", compute_units=132,
+                      knobs={**tpl.default_knobs(workload, target), "tx": tx}, latency_us=us,
+                      latency_spread_us=0.1, runs=10, bandwidth_gbps=10.0, max_rel_error=1e-4,
+                      tvm_version=installed_tvm_version()))
+
+    add(base, gemv_wl, 32, 9.0)
+    add(base, gemv_wl, 16, 8.0)
+    add(fused, {**wl, "capacity": 32}, 8, 5.0)         # the same template on another workload
+    (entry,) = apply_database(tvm.IRModule({"k": func}), db, "sm_90", 1, target)
+    assert entry["source"] == "knobs of q4f16_1_gemv" and entry["knobs"]["tx"] == 16, entry
+    assert [k["tx"] for k in _warm_knobs(db, fused, wl, "sm_90", target)] == [16, 32, 8]
+    add(fused, wl, 32, 10.0)
+    (entry,) = apply_database(tvm.IRModule({"k": func}), db, "sm_90", 1, target)
+    assert entry["source"] == "database" and entry["knobs"]["tx"] == 32, entry
