@@ -49,11 +49,6 @@ def check_quant(quant: str) -> None:
         raise UserError(f"unknown quantization {quant!r}: use one of {', '.join(QUANTS)}")
 
 
-def rope_in_gemv(quant: str, batch: int) -> bool:
-    """q4f16_1 at batch 1: the QKV GEMV applies RoPE and appends K/V to the caches in its epilogue."""
-    return quant == "q4f16_1" and batch == 1
-
-
 def residual_in_gemv(quant: str, shards: int) -> bool:
     """q4f16_1 on one GPU adds the residual in the o/down GEMV epilogue. Otherwise an add
     fused into the next RMSNorm does it (on several GPUs an all-reduce stands between)."""
@@ -86,12 +81,7 @@ def decode_plan(cfg: LlamaConfig, quant: str, shards: int, batch: int = 1,
 
     plain = "q0f16_gemv" if quant == "q0f16" else "q4f16_1_gemv"
     fused = residual_in_gemv(quant, shards)
-    if rope_in_gemv(quant, batch):   # the QKV GEMV rotates and appends itself: no RoPE kernel
-        calls.append(KernelCall("qkv", "q4f16_1_gemv_rope", {**attention[0].workload, "N": (hq + 2 * hkv) * hd, "K": h,
-                                                              "quant": "q4f16_1"}, L))
-        attention = attention[1:]
-    else:
-        gemv("qkv", plain, (hq + 2 * hkv) * hd, h, L)
+    gemv("qkv", plain, (hq + 2 * hkv) * hd, h, L)
     gemv("o", "q4f16_1_gemv_residual" if fused else plain, h, hq * hd, L)
     gemv("gate_up", "q4f16_1_gemv_silu_mul" if quant == "q4f16_1" else plain,
          2 * cfg.intermediate_size // shards, h, L)

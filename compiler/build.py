@@ -66,18 +66,10 @@ def apply_database(mod, db, arch: str, shards: int, target, device: str | None =
                 entry["tuned_at_shards"] = tuned_at
         else:
             sched = None
-            # A template that extends another with the same knobs (the QKV GEMV that also applies
-            # RoPE) takes that one's best knobs for its GEMV shape until it has records of its own.
-            base = getattr(tpl, "warm_start_from", None)
-            gemv = {k: tag["workload"][k] for k in ("batch", "N", "K", "quant") if k in tag["workload"]}
-            base_rec = _best_record(db, base, gemv, arch, shards, device)[0] if base else None
-            if base_rec is not None and tpl.check(tag["workload"], base_rec.knobs, target) is None:
-                knobs = base_rec.knobs
-                entry.update(source=f"knobs of {base}", knobs=knobs, measured_on=base_rec.device)
-            elif target_is_gpu(target) and tpl.dlight_baseline:
+            if target_is_gpu(target) and tpl.dlight_baseline:
                 sched = tpl.dlight_schedule(tag["workload"], target, fallback=False)
                 entry["source"] = "dlight"
-            if sched is None and "knobs" not in entry:   # dlight cannot, or would only give one thread per output
+            if sched is None:   # dlight cannot, or would only give one thread per output
                 knobs = tpl.default_knobs(tag["workload"], target)
                 entry.update(source="default knobs", knobs=knobs)
         if entry["source"] != "dlight":

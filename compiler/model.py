@@ -145,12 +145,8 @@ class Llama(nn.Module):
         return op.ccl_allreduce(partial, "sum") if self.shards > 1 else partial
 
     def _attention(self, layer: Layer, y, pos, k_cache, v_cache, new_caches: list):
-        qkv = self.plan.get("qkv")
-        if qkv is not None and "rope" not in self.plan:   # the QKV GEMV rotates and appends itself
-            k_cache, v_cache, q = template_op(qkv, [y, *layer.qkv.weights(), pos, k_cache, v_cache], inplace=[4, 5])
-        else:
-            k_cache, v_cache, q = template_op(self.plan["rope"], [layer.qkv(y, qkv), pos, k_cache, v_cache],
-                                              inplace=[2, 3])
+        qkv = layer.qkv(y, self.plan.get("qkv"))
+        k_cache, v_cache, q = template_op(self.plan["rope"], [qkv, pos, k_cache, v_cache], inplace=[2, 3])
         new_caches += [k_cache, v_cache]
         out = template_op(self.plan["attention"], [q, k_cache, v_cache, pos])
         return out[0] if isinstance(out, (list, tuple)) else out   # the rest is scratch

@@ -15,7 +15,7 @@ def register(template_cls):
 
 def _load_all() -> None:
     # Imported here, not at module top, so `register` exists before they run.
-    from . import (add_rms_norm, f16_gemv, q4_gemv, q4_gemv_residual, q4_gemv_rope, q4_gemv_silu_mul,  # noqa: F401
+    from . import (add_rms_norm, f16_gemv, q4_gemv, q4_gemv_residual, q4_gemv_silu_mul,  # noqa: F401
                    rms_norm)
     from . import decode_attention, rope_kv_append  # noqa: F401
     from . import embedding, prefill_attention, prefill_rope_kv_append  # noqa: F401

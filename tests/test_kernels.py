@@ -15,7 +15,7 @@ CPU = target_of(get_arch("cpu"))
 # The attention, RoPE and embedding templates take other shapes: tests/test_attention.py,
 # tests/test_prefill_kernels.py.
 OTHER_SHAPES = ("decode_attention", "rope_kv_append", "embedding", "prefill_attention", "prefill_rope_kv_append",
-                "allreduce_add_norm", "q4f16_1_gemv_rope")   # this one: below
+                "allreduce_add_norm")
 TEMPLATES = sorted(n for n in all_templates() if n not in OTHER_SHAPES)
 
 
@@ -132,55 +132,3 @@ def test_default_knobs_are_valid_for_every_model_shape(arch):
                     knobs = tpl.default_knobs(inst.workload, target)
                     tpl.validate_knobs(knobs)
                     assert tpl.check(inst.workload, knobs, target) is None, (inst, knobs)
-
-
-def rope_gemv_workload(q_heads=4, kv_heads=2, head_dim=32, K=256, capacity=16, theta=10000.0):
-    return {"batch": 1, "N": (q_heads + 2 * kv_heads) * head_dim, "K": K, "quant": "q4f16_1", "q_heads": q_heads,
-            "kv_heads": kv_heads, "head_dim": head_dim, "capacity": capacity, "dtype": "float16", "theta": theta}
-
-
-@pytest.mark.parametrize("wl", [rope_gemv_workload(), rope_gemv_workload(8, 8, 64, 512, 8, 500000.0)])
-def test_qkv_gemv_with_rope_matches_the_gemv_then_rope_kv_append(wl):
-    """The fused QKV GEMV (rotation and cache append in its epilogue) against its reference on the
-    CPU, and against the two kernels it replaces run one after the other: equal up to the fp16
-    rounding of the projection between them (the fused kernel rotates fp32 sums)."""
-    tpl = get_template("q4f16_1_gemv_rope")
-    for seed, knobs in enumerate(tpl.sample_knobs(wl, CPU, np.random.default_rng(1), 3)):
-        assert run_cpu(tpl, wl, knobs, seed=seed) < 1e-5, knobs
-    inputs = tpl.inputs(wl, np.random.default_rng(7))
-    x, wq, scale, pos, k_cache, v_cache, q_out = inputs
-    fused = tvm.compile(tpl.schedule(wl, tpl.default_knobs(wl, CPU), CPU), target=CPU)
-    args = [tvm.runtime.tensor(a) for a in inputs]
-    fused_out = run_poisoned(fused.mod["main"], args, 3)
-    gemv, rope = get_template("q4f16_1_gemv"), get_template("rope_kv_append")
-    gemv_wl = {k: wl[k] for k in ("batch", "N", "K", "quant")}
-    rope_wl = {k: wl[k] for k in ("batch", "q_heads", "kv_heads", "head_dim", "capacity", "dtype", "theta")}
-    qkv = tvm.runtime.tensor(np.zeros((1, wl["N"]), np.float16))
-    tvm.compile(gemv.schedule(gemv_wl, gemv.default_knobs(gemv_wl, CPU), CPU), target=CPU)["main"](
-        *[tvm.runtime.tensor(a) for a in (x, wq, scale)], qkv)
-    rope_args = [qkv, tvm.runtime.tensor(pos), *[tvm.runtime.tensor(a) for a in (k_cache, v_cache, q_out)]]
-    apart = run_poisoned(tvm.compile(rope.schedule(rope_wl, rope.default_knobs(rope_wl, CPU), CPU),
-                                     target=CPU).mod["main"], rope_args, 3)
-    p = int(pos[0])
-    for one, two in zip(fused_out, apart):
-        one, two = (np.nan_to_num(a.astype(np.float32), nan=1e9) for a in (one, two))
-        assert np.allclose(one, two, rtol=5e-3, atol=5e-3)   # NaN (unwritten) rows equal too
-    assert np.isfinite(fused_out[0][:, p]).all() and np.isnan(np.delete(fused_out[0], p, axis=1)).all()
-
-
-@pytest.mark.parametrize("arch", ["sm_90", "gfx1100"])
-def test_qkv_gemv_with_rope_builds_for_gpus(arch):
-    """Llama-2-7B's QKV shape: the default and a few random candidates schedule and compile (nvcc
-    accepts the CUDA where it is installed); none without a 7B shape's own constraints."""
-    tpl = get_template("q4f16_1_gemv_rope")
-    target = target_of(get_arch(arch))
-    wl = rope_gemv_workload(32, 32, 128, 4096, 4096)
-    cands = tpl.sample_knobs(wl, target, np.random.default_rng(0), 4, first=[tpl.default_knobs(wl, target)])
-    assert len(cands) == 4 and tpl.check({**wl, "N": wl["N"] + 2}, cands[0], target) is not None
-    for knobs in cands:
-        with target:
-            mod = tvm.compile(tpl.schedule(wl, knobs, target), target=target)
-        if arch == "sm_90" and shutil.which("nvcc"):
-            with target:
-                assert len(tvm.support.nvcc.compile_cuda(mod.mod.imports[0].inspect_source(), target_format="cubin",
-                                                         compiler="nvcc")) > 1000

@@ -35,8 +35,7 @@ def test_cpu_tune_writes_checked_records(tmp_path):
     valid, stale = store.validate()
     assert not stale
     kernels = {(r.template, r.workload["N"], r.workload["K"]) for r in recs}
-    # the QKV GEMV applies RoPE and appends K/V itself
-    assert kernels == {("q4f16_1_gemv_rope", 512, 256), ("q4f16_1_gemv_residual", 256, 256),
+    assert kernels == {("q4f16_1_gemv", 512, 256), ("q4f16_1_gemv_residual", 256, 256),
                        ("q4f16_1_gemv_silu_mul", 1024, 256), ("q4f16_1_gemv_residual", 256, 512),
                        ("q0f16_gemv", 512, 256)}
     for r in recs:
@@ -55,7 +54,7 @@ def test_a_spent_budget_still_gives_every_kernel_a_small_round(tmp_path):
     recs = shardtune.tune(arch="cpu", shards=1, model="tiny", db=str(tmp_path / "t.db"), time_budget=0.01,
                           trials_per_kernel=8, progress=False)
     assert {(r.template, r.workload["N"], r.workload["K"]) for r in recs} == {
-        ("q4f16_1_gemv_rope", 512, 256), ("q4f16_1_gemv_residual", 256, 256), ("q4f16_1_gemv_silu_mul", 1024, 256),
+        ("q4f16_1_gemv", 512, 256), ("q4f16_1_gemv_residual", 256, 256), ("q4f16_1_gemv_silu_mul", 1024, 256),
         ("q4f16_1_gemv_residual", 256, 512), ("q0f16_gemv", 512, 256)}
     assert all(r.trials <= LATE_ROUND and r.status == "partial" for r in recs)
 

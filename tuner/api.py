@@ -234,12 +234,10 @@ def _remote_copy_bandwidth(bench: Bench, remote) -> float:
 def shape_text(wl: dict) -> str:
     """2048x4096 for a GEMV (N x K), H=8192 for a norm, 32/4x128 L=1024 for attention
     (query/KV heads x head dim, context length); b2 for batch 2."""
-    if "N" in wl:   # GEMVs, the QKV GEMV with RoPE too
-        text = f"{wl['N']}x{wl['K']}"
-    elif "q_heads" in wl:
+    if "q_heads" in wl:
         text = f"{wl['q_heads']}/{wl['kv_heads']}x{wl['head_dim']}" + (f" L={wl['length']}" if "length" in wl else "")
     else:
-        text = f"H={wl['H']}"
+        text = f"{wl['N']}x{wl['K']}" if "N" in wl else f"H={wl['H']}"
     return text + (f" b{wl['batch']}" if wl.get("batch", 1) > 1 else "")
 
 
@@ -251,18 +249,10 @@ def _command_line() -> str:
 
 
 def _warm_knobs(store, tpl, wl, arch, target, limit: int = 4) -> list[dict]:
-    """Knobs that won for the same template and arch on other shapes and shard counts. First, for
-    a template that extends another with the same knobs (`warm_start_from`: the QKV GEMV that also
-    applies RoPE), the fastest of that one's records of the same GEMV shape."""
-    out, recs = [], []
-    base = getattr(tpl, "warm_start_from", None)
-    if base:
-        gemv = {k: wl[k] for k in ("batch", "N", "K", "quant")}
-        recs = sorted((r for r in store.records(arch=arch, template=base) if r.workload == gemv),
-                      key=lambda r: r.latency_us)
-    recs += [r for r in store.records(arch=arch, template=tpl.name) if r.workload != wl]
-    for rec in recs:
-        if rec.knobs not in out and tpl.check(wl, rec.knobs, target) is None:
+    """Knobs that won for the same template and arch on other shapes and shard counts."""
+    out = []
+    for rec in store.records(arch=arch, template=tpl.name):
+        if rec.workload != wl and rec.knobs not in out and tpl.check(wl, rec.knobs, target) is None:
             try:
                 tpl.validate_knobs(rec.knobs)
             except ValueError:

@@ -14,10 +14,8 @@ from shardtune.tuner.workloads import kernel_instances
 
 def _workloads(tpl):
     """A few shapes each template meets in real models (batch > 1 where it has a batch)."""
-    if tpl.name in ("decode_attention", "rope_kv_append", "q4f16_1_gemv_rope"):
-        kinds = ["gemv"] if tpl.name == "q4f16_1_gemv_rope" else ["attention"]
-        insts = kernel_instances("llama2-70b", 2, kinds) + kernel_instances("llama2-7b", 1, kinds)
-        insts += kernel_instances("llama2-7b", 1, ["attention"], quant="q0f16")   # where RoPE is its own kernel
+    if tpl.name in ("decode_attention", "rope_kv_append"):
+        insts = kernel_instances("llama2-70b", 2, ["attention"]) + kernel_instances("llama2-7b", 1, ["attention"])
         return [i.workload for i in insts if i.template == tpl.name]
     shapes = [(1, 4096, 4096), (4, 1024, 11008), (2, 2048, 5504)]
     if "norm" in tpl.name:
