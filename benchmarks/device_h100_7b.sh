@@ -17,8 +17,10 @@
 #      beside the build before (.device/base) in the same call
 #   9: the QKV GEMV with RoPE and the KV append in its epilogue: its GPU test, then as phase 8
 #      (the build before: the commit before it)
+#  10: one build from the reference database, benched reading its greedy tokens every 1, 8, 16, 32
+#      steps, then 1 and 8 again (bench --read-every)
 # Usage: bash benchmarks/device_h100_7b.sh PHASE   (results: $OUT/phaseN.tar.gz)
-PHASE=${1:?phase 1 to 9}
+PHASE=${1:?phase 1 to 10}
 source benchmarks/device_env.sh
 W=/tmp/work; mkdir -p $W
 DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
@@ -86,5 +88,11 @@ case $PHASE in
 8) against_before chunked_argmax ;;
 9) step timeout 200 python3 -m pytest -q -x tests/gpu/test_gemv_gpu.py -k "gemv_rope"
    against_before rope_in_qkv ;;
+10)
+  step timeout 200 python3 -m shardtune build --model llama2-7b --random-weights --quant q4f16_1 --arch sm_90 -o $W/7b-q4
+  for n in 1 8 16 32 1 8; do
+    f="$OUT/bench_llama2-7b_q4f16_1_read_every_$n.json"; [ -e "$f" ] && f="${f%.json}_again.json"
+    step timeout 60 python3 -m shardtune bench $W/7b-q4 --read-every $n --json "$f"
+  done ;;
 esac
 tar czf "$OUT/phase$PHASE.tar.gz" -C "$OUT" --exclude="phase*.tar.gz" .

@@ -33,6 +33,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-argmax", action="store_true",
                    help="copy each step's logits to the host and take the argmax there (builds pick greedy "
                         "tokens on the GPU where they can): to compare the two")
+    p.add_argument("--read-every", type=int, metavar="N",
+                   help="greedy tokens picked on the GPU are read N steps at a time (default 8; 1: after every "
+                        "step; a sharded build always reads every step)")
     p.add_argument("--scaling", action="store_true",
                    help="bench each build (or read its JSON) and compare tok/s across GPU counts")
     p.add_argument("--plot", metavar="PNG", help="with --scaling: draw tok/s against GPUs (needs matplotlib)")
@@ -84,7 +87,7 @@ def _bench_one(path: str, args) -> dict:
 
     model = load(path, allreduce=args.allreduce)
     result = model.bench(prompt_len=args.prompt_len, gen_len=args.gen_len, repeat=args.repeat,
-                         host_argmax=args.host_argmax)
+                         host_argmax=args.host_argmax, read_every=args.read_every)
     model.close()
     result["command"] = " ".join(["shardtune", *sys.argv[1:]]) if sys.argv else ""
     print(f"{result['model']} {result['quant']} x{result['shards']}"

@@ -152,6 +152,12 @@ class Model:
 
     #: greedy steps launched back to back before the host reads their tokens, in one read
     GREEDY_BATCH = 8
+    BATCHED_READS = True   # a sharded build reads every step (runtime/sharded.py)
+
+    def _read_every(self, read_every: int | None) -> int:
+        if read_every is not None and read_every < 1:
+            raise UserError(f"--read-every must be positive, got {read_every}")
+        return (read_every or self.GREEDY_BATCH) if self.BATCHED_READS else 1
 
     def greedy_steps(self, count: int, token: int | None = None, pos: int | None = None) -> list[int]:
         """`count` greedy steps launched back to back, then one read of their tokens. A read after
@@ -242,9 +248,11 @@ class Model:
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, on_token: Callable[[int], None] | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
-                 return_logits: bool = False):
+                 return_logits: bool = False, read_every: int | None = None):
         """Greedy when temperature is 0, else nucleus sampling. Returns the new ids
-        (and each step's logits when asked)."""
+        (and each step's logits when asked). Greedy tokens picked on the device are read
+        `read_every` steps at a time (GREEDY_BATCH by default) and handed out one by one."""
+        read_every = self._read_every(read_every)
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             raise UserError("the prompt is empty")
@@ -272,7 +280,7 @@ class Model:
                 break
             if on_device:   # the steps after the first continue from the device's own tokens
                 if not picked:
-                    count = min(self.GREEDY_BATCH, max_new_tokens - len(out))
+                    count = min(read_every, max_new_tokens - len(out))
                     picked = self.greedy_steps(count, nxt, pos) if len(out) == 1 else self.greedy_steps(count)
                 nxt = picked.pop(0)   # past an end-of-sequence token the rest are dropped
             else:
@@ -282,13 +290,14 @@ class Model:
         return (out, np.stack(all_logits)) if return_logits else out
 
     def bench(self, prompt_len: int = 8, gen_len: int = 256, repeat: int = 3, seed: int = 0,
-              host_argmax: bool = False) -> dict:
+              host_argmax: bool = False, read_every: int | None = None) -> dict:
         """Decode tokens/s, prefill time, memory, and the fraction of the memory roofline. Greedy
         decoding picks its tokens on the device where the build can (`host_argmax`: copy the
         logits out and take the argmax in NumPy instead, to compare the two; the step's own argmax
         kernel still runs, unused)."""
         from ..tuner.measure import copy_bandwidth
 
+        read_every = self._read_every(read_every)
         if prompt_len < 1 or gen_len < 1 or repeat < 1:
             raise UserError("--prompt-len, --gen-len and --repeat must be positive")
         if prompt_len + gen_len > self.capacity:
@@ -304,8 +313,8 @@ class Model:
             t1 = time.perf_counter()
             tok, pos = int(np.argmax(logits)), prompt_len
             if on_device:   # as generate does it
-                for done in range(0, gen_len, self.GREEDY_BATCH):
-                    count = min(self.GREEDY_BATCH, gen_len - done)
+                for done in range(0, gen_len, read_every):
+                    count = min(read_every, gen_len - done)
                     self.greedy_steps(count, tok, pos) if done == 0 else self.greedy_steps(count)
             else:
                 for _ in range(gen_len):
@@ -327,7 +336,7 @@ class Model:
             "prefill_ms": float(np.median(prefill)) * 1e3,
             "prefill": "batched" if self.prefill_buckets else "token by token through the decode step",
             "prefill_buckets": list(self.prefill_buckets),
-            "greedy": f"argmax on the device, tokens read {self.GREEDY_BATCH} at a time" if on_device
+            "greedy": f"argmax on the device, tokens read {read_every} at a time" if on_device
                       else "logits copied to the host, argmax there",
             "weight_bytes_per_token": weight_bytes, "copy_gbps": copy_gbps,
             "roofline_fraction": weight_bytes * tok_s / (copy_gbps * 1e9),

@@ -122,7 +122,7 @@ class ShardedModel(Model):
     def run_step(self, token: int, pos: int):
         return self._logits_of(self.sess.call_packed(self._step, token, pos))
 
-    GREEDY_BATCH = 1   # every step waits for worker 0's token, which it feeds to all
+    BATCHED_READS = False   # every step waits for worker 0's token, which it feeds to all
 
     def greedy_steps(self, count: int, token: int | None = None, pos: int | None = None) -> list[int]:
         return [self.greedy_step(token, pos) if i == 0 else self.greedy_step() for i in range(count)]

@@ -115,6 +115,8 @@ def test_greedy_on_the_device_picks_the_hosts_ids(built, quant):
     # read in batches of 8 (generate, bench): 11 tokens end inside the second batch; an end-of-
     # sequence token inside a batch ends the run there, the tokens picked after it dropped
     assert model.generate(LONG, max_new_tokens=11) == on_device[:11]
+    assert model.generate(LONG, max_new_tokens=11, read_every=3) == model.generate(LONG, max_new_tokens=11, read_every=1)
+    assert model.generate(LONG, max_new_tokens=11, read_every=1) == on_device[:11]
     model.conf["eos_token_id"] = on_device[5]
     streamed = []
     stopped = model.generate(LONG, max_new_tokens=30, on_token=streamed.append)
@@ -167,6 +169,11 @@ def test_cli_generate_and_bench(built, tmp_path):
     assert res["decode_tok_s"] > 0 and len(res["decode_tok_s_runs"]) == 2 and res["copy_gbps"] > 0
     assert res["prefill"] == "batched" and res["prefill_buckets"] == list(BUCKETS) and res["prefill_ms"] > 0
     assert 0 < res["roofline_fraction"] and res["weight_bytes_per_token"] > 0
+    assert res["greedy"] == "argmax on the device, tokens read 8 at a time"
+    r = shardtune("bench", model, "--gen-len", "5", "--repeat", "1", "--read-every", "1", "--json", out)
+    assert r.returncode == 0 and json.loads(out.read_text())["greedy"].endswith("tokens read 1 at a time"), r.stderr
+    r = shardtune("bench", model, "--gen-len", "5", "--read-every", "0")
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].endswith("--read-every must be positive, got 0")
 
 
 def test_random_weights_build_is_deterministic(tmp_path):
