@@ -17,8 +17,8 @@
 #      beside the build before (.device/base) in the same call
 #   9: the QKV GEMV with RoPE and the KV append in its epilogue: its GPU test, then as phase 8
 #      (the build before: the commit before it)
-#  10: one build from the reference database, benched reading its greedy tokens every 1, 8, 16, 32
-#      steps, then 1 and 8 again (bench --read-every)
+#  10 (not run yet: no device time left): one build from the reference database, benched reading
+#      its greedy tokens every 1, 8, 16, 32 steps, then 1 and 8 again (bench --read-every)
 # Usage: bash benchmarks/device_h100_7b.sh PHASE   (results: $OUT/phaseN.tar.gz)
 PHASE=${1:?phase 1 to 10}
 source benchmarks/device_env.sh
