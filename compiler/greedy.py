@@ -3,9 +3,9 @@ token buffer, and the position advances by one, so decode steps follow each othe
 but a 4-byte read of the token per step on the host (no logits copy, no host argmax).
 
 Ties go to the lowest index, as np.argmax. Not a template: one block, a few microseconds; the
-GPU version is written already scheduled (a strided scan per thread, loads in chunks, then on NVIDIA warp shuffles
-and one shared-memory round; elsewhere two shared-memory rounds, as TVM's ROCm backend is LLVM and
-has no CUDA shuffle to call), the CPU version is a plain loop."""
+GPU version is written already scheduled (a strided scan per thread, loading in chunks, then on
+NVIDIA warp shuffles and one shared-memory round; elsewhere two shared-memory rounds, as TVM's ROCm
+backend is LLVM and has no CUDA shuffle to call), the CPU version is a plain loop."""
 from __future__ import annotations
 
 from contextlib import ExitStack
