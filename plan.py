@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import UserError
-from .models import LlamaConfig, check_shards
+from .models import LlamaConfig, check_shards, lm_head_rows
 
 QUANTS = ("q4f16_1", "q0f16", "q0f32")
 TEMPLATE_EPS = 1e-5          # the RMSNorm templates' epsilon (Llama-2, Llama-3, CodeLlama)
@@ -86,7 +86,7 @@ def decode_plan(cfg: LlamaConfig, quant: str, shards: int, batch: int = 1,
     gemv("gate_up", "q4f16_1_gemv_silu_mul" if quant == "q4f16_1" else plain,
          2 * cfg.intermediate_size // shards, h, L)
     gemv("down", "q4f16_1_gemv_residual" if fused else plain, h, cfg.intermediate_size // shards, L)
-    gemv("lm_head", "q0f16_gemv", cfg.vocab_size, h, 1)   # the head stays fp16, replicated
+    gemv("lm_head", "q0f16_gemv", lm_head_rows(cfg, shards), h, 1)   # fp16; split by vocabulary rows
 
     if abs(cfg.rms_norm_eps - TEMPLATE_EPS) < 1e-12:      # otherwise TVM's rms_norm operator
         norm = {"batch": batch, "H": h}

@@ -1,5 +1,6 @@
 """Where a sharded decode step spends its time: all-reduce latency of our NCCL backend at
-the sizes a step uses, the step on the GPUs alone, and the step as the controller sees it.
+the sizes a step uses, the step on the GPUs alone, and the step as the controller sees it (logits read, or the
+greedy token read).
 Usage: python benchmarks/tp_diag.py MODEL_DIR [--json FILE]"""
 import argparse
 import json
@@ -24,7 +25,10 @@ def main() -> int:
     t0 = time.perf_counter()
     for i in range(64):
         model.step(1, 100 + i)
-    res["step_controller_ms"] = (time.perf_counter() - t0) / 64 * 1e3
+    res["step_controller_ms"] = (time.perf_counter() - t0) / 64 * 1e3   # logits to the host each step
+    t0 = time.perf_counter()
+    model.greedy_steps(64, 1, 100)
+    res["greedy_step_controller_ms"] = (time.perf_counter() - t0) / 64 * 1e3   # what bench runs: a token read
     model.close()
     print(json.dumps(res, indent=1))
     if args.json:

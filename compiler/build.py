@@ -107,15 +107,14 @@ def local_device_of(arch: str) -> str | None:
 
 
 def _open_db(db_path: str | None, arch: str, shards: int, log):
-    from ..database import TuningDB
-    from ..database.reference import open_for_build
+    from ..database.reference import open_any, open_for_build
 
     if not db_path:   # the user's default database, else the shipped reference (it says so)
         return open_for_build(arch, shards, log)
     path = Path(db_path)
     if not path.exists():
         raise UserError(f"tuning database {path} does not exist")
-    return TuningDB.open_existing(path), str(path)
+    return open_any(path), str(path)   # a database file or a JSON Lines export (read-only)
 
 
 def build(out_dir: str, model: str | None = None, weights: str | None = None, random_weights: bool = False,
@@ -132,6 +131,7 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     from tvm import relax
 
     from ..tuner.targets import get_arch, target_of
+    from ..models import lm_head_split
     from . import weights as W
 
     check_quant(quant)
@@ -160,15 +160,15 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     start = time.monotonic()
 
     buckets = prefill_buckets(capacity, prefill)
-    llama = Llama(cfg, quant, shards, capacity, prefill=buckets, allreduce=allreduce, vendor=a.vendor)
-    mod, named = llama.export()
-    order = [name for name, _ in named]
-    if set(order) != set(spec):
-        raise AssertionError(f"model parameters and weight specs disagree: {sorted(set(order) ^ set(spec))}")
-    store, db_path = _open_db(db, a.name, shards, log)
+    store, db_path = _open_db(db, a.name, shards, log)   # before the export: a bad --db fails at once
     if device == "auto":
         device = local_device_of(a.name)
     try:
+        llama = Llama(cfg, quant, shards, capacity, prefill=buckets, allreduce=allreduce, vendor=a.vendor)
+        mod, named = llama.export()
+        order = [name for name, _ in named]
+        if set(order) != set(spec):
+            raise AssertionError(f"model parameters and weight specs disagree: {sorted(set(order) ^ set(spec))}")
         kernels = apply_database(mod, store, a.name, shards, target, device)
     finally:
         if store is not None:
@@ -197,6 +197,8 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
         "format": FORMAT, "model": cfg.to_dict(), "quant": quant, "arch": a.name, "target": a.target,
         "shards": shards, "allreduce": allreduce if shards > 1 else None, "capacity": capacity,
         "device_greedy": True,   # decode writes the greedy token and position (older builds' does not)
+        # the LM head split and its logits gathered: every rank picks the same greedy token
+        "lm_head_split": shards > 1 and lm_head_split(cfg, shards),
         "prefill_buckets": buckets, "random_weights": weights is None,
         "params": [[name, list(spec[name][0]), spec[name][1]] for name in order],
         "cache": {"shape": list(llama.cache_shape()), "dtype": "float32" if quant == "q0f32" else "float16",

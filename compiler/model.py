@@ -20,7 +20,7 @@ from tvm.relax.frontend.nn import op, spec
 
 from ..kernels import get_template
 from ..kernels.allreduce_add_norm import comm_regions
-from ..models import LlamaConfig
+from ..models import LlamaConfig, lm_head_rows, lm_head_split
 from ..plan import KernelCall, decode_plan, plan_by_site, prefill_plan, residual_in_gemv
 from .dequantize import dequantize_q4
 from .greedy import greedy_next
@@ -117,7 +117,7 @@ class Llama(nn.Module):
         self.embed = Weight((cfg.vocab_size, cfg.hidden_size), dt)
         self.layers = nn.ModuleList([Layer(cfg, quant, shards) for _ in range(cfg.num_hidden_layers)])
         self.norm = Weight((cfg.hidden_size,), dt)
-        self.lm_head = Linear(cfg.vocab_size, cfg.hidden_size, "q0f32" if quant == "q0f32" else "q0f16")
+        self.lm_head = Linear(lm_head_rows(cfg, shards), cfg.hidden_size, "q0f32" if quant == "q0f32" else "q0f16")
         self.fused_residual = residual_in_gemv(quant, shards)
 
     # --- pieces ---------------------------------------------------------------
@@ -139,6 +139,14 @@ class Llama(nn.Module):
             y, h = template_op(self.plan["allreduce_norm"], [partial, residual, weight, *comm])
             return y, h
         return self._norm(self._reduce(partial), weight, residual)
+
+    def _head(self, y, call):
+        """Logits [1, V]: each shard's rows of the LM head, then gathered (shard order is vocabulary
+        order) where the head is split, so every rank holds all of them, bit for bit the same."""
+        logits = self.lm_head(y, call)
+        if self.shards > 1 and lm_head_split(self.cfg, self.shards):
+            logits = op.reshape(op.ccl_allgather(logits, self.shards), [1, self.cfg.vocab_size])
+        return logits
 
     def _reduce(self, partial):
         """Row-parallel layers leave partial sums on each shard."""
@@ -164,8 +172,8 @@ class Llama(nn.Module):
         the device, inside the step's CUDA graph: argmax(logits) into `token` and pos + 1 into
         `pos`, so greedy steps follow each other with a 4-byte read per token on the host. A
         caller that samples on the host sets token and pos before every step and ignores them.
-        On several GPUs every rank picks a token and the controller feeds worker 0's to all:
-        ranks whose logits differ in the last bit could pick differently at a near tie."""
+        On several GPUs every rank picks a token; with the LM head split, from the same gathered
+        logits, so every rank's is the same."""
         logits, new_caches = self._logits(token, pos, caches, comm)
         token, pos = op.tensor_ir_inplace_op(
             greedy_next(self.cfg.vocab_size, logits.dtype, self.vendor), "greedy_next", [logits, token, pos], [1, 2],
@@ -193,7 +201,7 @@ class Llama(nn.Module):
                 d = layer.down(self._mlp(layer, y), self.plan.get("down"))
                 next_weight = self.layers[i + 1].input_norm.weight if i + 1 < len(self.layers) else self.norm.weight
                 y, h = self._reduce_norm(d, next_weight, h, comm)
-        return self.lm_head(y, self.plan.get("lm_head")), tuple(new_caches)
+        return self._head(y, self.plan.get("lm_head")), tuple(new_caches)
 
     def decode_nccl(self, token, pos, caches):
         """decode with NCCL all-reduces: what a fused build runs where peer access is missing."""
@@ -227,8 +235,7 @@ class Llama(nn.Module):
             gate, up = op.split(layer.gate_up.matmul(y), 2, axis=-1)
             h = h + reduce(layer.down.matmul(op.silu(gate) * up))
         y = op.rms_norm(op.take(h, last, axis=0), self.norm.weight, axes=[-1], epsilon=eps)   # [1, H]
-        logits = self.lm_head(y, plan.get("lm_head"))
-        return op.astype(logits, "float32"), tuple(new_caches)
+        return op.astype(self._head(y, plan.get("lm_head")), "float32"), tuple(new_caches)
 
     def __getattr__(self, name: str):
         """prefill_<n>: the method export_tvm traces for bucket n."""

@@ -4,7 +4,9 @@ Names, shapes and order are those of `param_specs`. HF stores a linear weight as
 we. Column-parallel layers (qkv, gate_up) give each shard rows: for qkv its query heads, then its KV
 heads of k_proj, then of v_proj; for gate_up its slice of gate_proj, then the same slice of up_proj
 (the silu_mul GEMV reads the gate from the first half, the up from the second). Row-parallel layers
-(o, down) give each shard a slice of columns (K). Embedding, norms and the LM head are replicated.
+(o, down) give each shard a slice of columns (K). The LM head gives each shard a slice of its rows
+(vocabulary) where the shards divide the vocabulary (models.lm_head_split). Embedding and norms are
+replicated.
 
 The safetensors format is read here directly (an 8-byte header length, a JSON header, raw
 little-endian data): bf16 has no NumPy type, so the `safetensors` package would need torch for it,
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..models import GROUP_SIZE, LlamaConfig, linears, load_config
+from ..models import GROUP_SIZE, LlamaConfig, lm_head_rows, lm_head_split, linears, load_config
 from ..plan import QUANTS, check_quant
 
 __all__ = ["QUANTS", "convert", "param_specs", "quantize_q4", "read_checkpoint", "shard_param"]
@@ -65,7 +67,7 @@ def param_specs(cfg: LlamaConfig, quant: str, shards: int) -> dict[str, tuple[tu
         linear(p + "gate_up", *lin["gate_up_proj"])
         linear(p + "down", *lin["down_proj"])
     specs["norm.weight"] = ((H,), fdt)
-    specs["lm_head.weight"] = ((V, H), fdt)  # never quantized: the logits decide the sampled token
+    specs["lm_head.weight"] = ((lm_head_rows(cfg, shards), H), fdt)  # never quantized: the logits decide the token
     return specs
 
 
@@ -222,7 +224,9 @@ def shard_param(name: str, full: np.ndarray, cfg: LlamaConfig, shards: int, shar
         return _rows(np.split(full, 2), shards, shard)
     if kind in ("o", "down"):
         return _cols(full, shards, shard)
-    return full  # embedding, norms, LM head: replicated
+    if name == "lm_head.weight" and lm_head_split(cfg, shards):
+        return full[_part(len(full), shards, shard)]
+    return full  # embedding, norms (and an LM head the shards do not divide): replicated
 
 
 # ---- converting ----
@@ -308,4 +312,5 @@ def _convert(ckpt: Checkpoint, cfg: LlamaConfig, quant: str, shards: int, shard:
                                                shards, shard))
         yield from linear(p + "down", _cols(ckpt[hf + "mlp.down_proj.weight"], shards, shard))
     yield plain("norm.weight", ckpt["model.norm.weight"])
-    yield plain("lm_head.weight", ckpt["lm_head.weight"])
+    head = ckpt["lm_head.weight"]
+    yield plain("lm_head.weight", _rows([head], shards, shard) if lm_head_split(cfg, shards) else head)

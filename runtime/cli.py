@@ -35,7 +35,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "tokens on the GPU where they can): to compare the two")
     p.add_argument("--read-every", type=int, metavar="N",
                    help="greedy tokens picked on the GPU are read N steps at a time (default 8; 1: after every "
-                        "step; a sharded build always reads every step)")
+                        "step; sharded builds made before the LM head was split read every step)")
     p.add_argument("--scaling", action="store_true",
                    help="bench each build (or read its JSON) and compare tok/s across GPU counts")
     p.add_argument("--plot", metavar="PNG", help="with --scaling: draw tok/s against GPUs (needs matplotlib)")

@@ -92,6 +92,14 @@ def _greedy_step(token: int, pos: int):
     return m.token
 
 
+@register_global_func("shardtune.shard.greedy_steps", override=True)
+@_guard
+def _greedy_steps(token: int, pos: int, count: int):
+    """`count` greedy steps from `token` at `pos`, each rank feeding its own tokens (with the LM
+    head split, every rank picks the same); the buffer that will hold them, for the controller."""
+    return _shard["model"].launch_greedy(count, token, pos)
+
+
 @register_global_func("shardtune.shard.prefill", override=True)
 @_guard
 def _prefill(tokens: str, pos: int):

@@ -152,7 +152,7 @@ class Model:
 
     #: greedy steps launched back to back before the host reads their tokens, in one read
     GREEDY_BATCH = 8
-    BATCHED_READS = True   # a sharded build reads every step (runtime/sharded.py)
+    BATCHED_READS = True   # False for sharded builds whose ranks could pick different tokens
 
     def _read_every(self, read_every: int | None) -> int:
         if read_every is not None and read_every < 1:
@@ -165,6 +165,11 @@ class Model:
         launch: about 5% of a 7B step on an H100); here the host launches a step while the GPU
         runs the one before. Each step's token is copied, on the device, into its slot of a small
         history buffer. `token`, `pos` start a run; None continues it."""
+        return [int(t) for t in self.launch_greedy(count, token, pos).numpy()[:count]]
+
+    def launch_greedy(self, count: int, token: int | None = None, pos: int | None = None):
+        """greedy_steps without the read: the device buffer whose first `count` slots will hold
+        the tokens (a disco worker hands it to the controller)."""
         if token is not None:
             self._check_pos(pos)
             self.token.copyfrom(np.array([token], np.int32))
@@ -178,7 +183,7 @@ class Model:
         for slot in self._history_slots[:count]:
             self._decode()
             self.token.copyto(slot)
-        return [int(t) for t in self._history.numpy()[:count]]
+        return self._history
 
     def greedy_step(self, token: int | None = None, pos: int | None = None, read: bool = True) -> int | None:
         """One decode step that picks its next token (argmax) on the device and advances the

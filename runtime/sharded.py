@@ -4,7 +4,8 @@ The controller starts one disco worker per shard (worker 0 a thread here, the ot
 processes), builds and loads the CCL backend in each, joins them in one communicator, and
 has every worker load its shard (runtime/disco_worker.py). A step is one broadcast call:
 each worker replays its decode step (one CUDA graph, the all-reduces inside it), and the
-logits come back from worker 0, or with greedy decoding the token worker 0's GPU picked.
+logits come back from worker 0, or with greedy decoding the tokens worker 0's GPU picked
+(several steps' at once where the LM head is split: every rank then picks the same token).
 Generation and benchmarks are `Model`'s own."""
 from __future__ import annotations
 
@@ -98,10 +99,14 @@ class ShardedModel(Model):
             self.allreduce_used = "nccl"   # without peer buffers the workers run decode_nccl
         self._step = self.sess.get_global_func("shardtune.shard.step")
         self._greedy = self.sess.get_global_func("shardtune.shard.greedy_step")
+        self._greedy_steps = self.sess.get_global_func("shardtune.shard.greedy_steps")
+        # ranks pick the same greedy token only from gathered logits (builds before it: replicated)
+        self.BATCHED_READS = bool(self.conf.get("lm_head_split"))
         self._prefill = self.sess.get_global_func("shardtune.shard.prefill")
         self.logits = tvm.runtime.empty((1, self.cfg.vocab_size), "float32", tvm.cpu())
         self.next_token = tvm.runtime.empty((1,), "int32", tvm.cpu())
         self._last = (0, 0)   # the last greedy step's (token it picked, its position)
+        self._history = None   # host copy of worker 0's greedy_steps buffer, of the same size
 
     def _peers_reach_each_other(self) -> bool:
         """The fused all-reduce reads the peers' memory: every pair of GPUs must reach each other.
@@ -122,15 +127,28 @@ class ShardedModel(Model):
     def run_step(self, token: int, pos: int):
         return self._logits_of(self.sess.call_packed(self._step, token, pos))
 
-    BATCHED_READS = False   # every step waits for worker 0's token, which it feeds to all
-
     def greedy_steps(self, count: int, token: int | None = None, pos: int | None = None) -> list[int]:
-        return [self.greedy_step(token, pos) if i == 0 else self.greedy_step() for i in range(count)]
+        """With the LM head split, every rank gathers the same logits and picks the same token: the
+        workers run `count` steps on their own and the controller reads worker 0's tokens once.
+        Builds with a replicated head read every step and feed worker 0's token to all."""
+        if not self.BATCHED_READS:
+            return [self.greedy_step(token, pos) if i == 0 else self.greedy_step() for i in range(count)]
+        if token is None:
+            token, pos = self._last[0], self._last[1] + 1
+        self._check_pos(pos)
+        remote = self.sess.call_packed(self._greedy_steps, token, pos, count)
+        if self._history is None or self._history.shape[0] < count:   # grows as the workers' does
+            import tvm
+
+            self._history = tvm.runtime.empty((max(count, self.GREEDY_BATCH),), "int32", tvm.cpu())
+        ids = [int(t) for t in self._from_worker_0(self._history, remote).numpy()[:count]]
+        self._last = (ids[-1], pos + count - 1)
+        return ids
 
     def greedy_step(self, token: int | None = None, pos: int | None = None, read: bool = True) -> int:
         """Every worker runs its step and picks a token on its GPU; worker 0's comes back (4 bytes)
-        and is what every worker is fed next, so ranks whose logits differ in the last bit cannot
-        part ways at a near tie. Always read, whatever `read` says: the next step needs it."""
+        and is what every worker is fed next, so ranks whose logits could differ in the last bit
+        (a replicated LM head) cannot part ways at a near tie. Always read, whatever `read` says."""
         if token is None:
             token, pos = self._last[0], self._last[1] + 1
         self._check_pos(pos)

@@ -12,7 +12,7 @@ def test_llama2_70b_tp2_shapes():
     assert (by_name["o_proj"].N, by_name["o_proj"].K) == (8192, 4096)
     assert (by_name["gate_up_proj"].N, by_name["gate_up_proj"].K) == (28672, 8192)
     assert (by_name["down_proj"].N, by_name["down_proj"].K) == (8192, 14336)
-    assert by_name["lm_head"].parallel == "replicated"
+    assert (by_name["lm_head"].N, by_name["lm_head"].parallel) == (16000, "column")   # logits gathered
 
 
 @pytest.mark.parametrize("model", sorted(PRESETS))

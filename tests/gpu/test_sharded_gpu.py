@@ -65,6 +65,11 @@ def _generate(checkpoint, tmp_path, quant, shards, allreduce="nccl", n=64, force
     out = model.generate(PROMPT, max_new_tokens=n, return_logits=True, stop_at_eos=False)
     # the argmax on the GPUs (worker 0's token fed to all): the host's ids, token for token
     assert model.generate(PROMPT, max_new_tokens=n, stop_at_eos=False) == out[0]
+    if shards > 1:   # the workers ran on their own tokens: every rank picked the same ones
+        assert model.BATCHED_READS
+        remote = model.sess.call_packed(model._greedy_steps, out[0][0], len(PROMPT), 16)
+        ranks = [remote.debug_get_from_remote(w).numpy()[:16].tolist() for w in range(shards)]
+        assert ranks == [out[0][1:17]] * shards
     if forced is not None:
         out = (*out, forced_logits(model, forced))
     model.close()
