@@ -12,21 +12,20 @@
 source benchmarks/device_env.sh || exit 3
 M=.device/models B=.device/models_before
 echo "device: $(nvidia-smi -L | wc -l) x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)  date: $(date -u +%FT%TZ)" | tee -a "$OUT/run.log"
-before() {   # run with the tree before (its runtime, and its disco workers')
-  mkdir -p /tmp/basepkg && ln -sfn "$PWD/.device/base" /tmp/basepkg/shardtune
-  PYTHONPATH=/tmp/basepkg:$PYTHONPATH "$@"
-}
+# the tree before (its runtime, and its disco workers')
+mkdir -p /tmp/basepkg && ln -sfn "$PWD/.device/base" /tmp/basepkg/shardtune
+before="env PYTHONPATH=/tmp/basepkg:$PYTHONPATH"
 BENCH="python3 -m shardtune bench --prompt-len 8 --gen-len 256 --repeat 3"
 case $1 in
 scaling)
   TAIL=16 step timeout 560 $BENCH --scaling $(ls -d $M/*/ | sort -V) --json "$OUT/scaling_h100_x4.json" ;;
 compare)
   for d in llama2-70b-q4f16_1-tp2 llama2-70b-q4f16_1-tp4 codellama-34b-q4f16_1-tp2 llama2-7b-q4f16_1-tp4; do
-    TAIL=1 step timeout 90 before $BENCH $B/$d --json "$OUT/before_$d.json"
+    TAIL=1 step timeout 90 $before $BENCH $B/$d --json "$OUT/before_$d.json"
     TAIL=1 step timeout 90 $BENCH $M/$d --json "$OUT/after_$d.json"
   done
   for d in llama2-70b-q4f16_1-tp4 llama2-7b-q4f16_1-tp4; do
-    TAIL=3 step timeout 60 before python3 benchmarks/tp_diag.py $B/$d --json "$OUT/tp_diag_before_$d.json"
+    TAIL=3 step timeout 60 $before python3 benchmarks/tp_diag.py $B/$d --json "$OUT/tp_diag_before_$d.json"
     TAIL=3 step timeout 60 python3 benchmarks/tp_diag.py $M/$d --json "$OUT/tp_diag_after_$d.json"
   done
   for n in 1 8 16 32; do
@@ -35,16 +34,18 @@ compare)
 tests)
   LOG=tests.log TAIL=14 step timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_sharded_gpu.py
   for n in 2 4; do
-    TAIL=6 step timeout 60 python3 benchmarks/allreduce_fusion.py --shards $n --hidden 8192 --json "$OUT/allreduce_fusion_tp$n.json"
+    TAIL=6 step timeout 150 python3 benchmarks/allreduce_fusion.py --shards $n --hidden 8192 --json "$OUT/allreduce_fusion_tp$n.json"
   done
   g=0
   for job in llama2-13b:1 llama3-8b:1 llama2-70b:1 codellama-34b:1; do
     IFS=: read m s <<< "$job"
     (CUDA_VISIBLE_DEVICES=$g timeout 200 python3 -m shardtune tune --arch sm_90 --model $m --shards $s \
-       --kernels gemv,norm,attention --time-budget 170 --db /tmp/tune_$m-tp$s.db --no-progress > "$OUT/tune_$m-tp$s.log" 2>&1
-     python3 -m shardtune db export /tmp/tune_$m-tp$s.db -o "$OUT/tune_$m-tp$s.jsonl" >/dev/null 2>&1) &
+       --kernels gemv,norm,attention --time-budget 170 --db /tmp/tune_$m-tp$s.db --no-progress > /tmp/tune_$m-tp$s.log 2>&1
+     python3 -m shardtune db export /tmp/tune_$m-tp$s.db -o /tmp/tune_$m-tp$s.jsonl >/dev/null 2>&1) &
     g=$((g + 1))
   done
-  wait; tail -n 12 "$OUT"/tune_*.log ;;
+  wait   # few files come back from a call: one log, one export
+  tail -n 30 /tmp/tune_*.log | tee "$OUT/tunes.log" | grep -v "^$" | tail -40
+  cat /tmp/tune_*.jsonl > "$OUT/tune_tp1.jsonl" ;;
 *) echo "usage: $0 scaling|compare|tests"; exit 2 ;;
 esac
