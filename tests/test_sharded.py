@@ -119,6 +119,22 @@ def test_eight_shards_split_llama2_70b_and_sixteen_do_not():
         param_specs(cfg, "q4f16_1", 16)
 
 
+def test_an_eight_shard_model_builds_with_its_head_split_and_gathered(tmp_path):
+    """TP8 end to end without eight GPUs: the fused all-reduce over 8 peers, the LM head in 8 row
+    slices and its logits all-gathered, compiled for sm_90."""
+    cfg = {"model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 8,
+           "num_key_value_heads": 8, "num_hidden_layers": 1, "vocab_size": 2048, "rms_norm_eps": 1e-5}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    conf = shardtune.build(str(tmp_path / "tp8"), model=str(tmp_path / "config.json"), random_weights=True,
+                           quant="q4f16_1", arch="sm_90", shards=8, capacity=64, prefill=())
+    params = {name: shape for name, shape, _ in conf["params"]}
+    assert params["lm_head.weight"] == [2048 // 8, 1024] and conf["lm_head_split"]
+    assert params["layers.0.qkv.qweight"] == [3 * 128, 1024 // 8]   # 1 query head and 1 KV head a shard
+    fused = [k for k in conf["kernels"] if k["site"] == "allreduce_norm"]
+    assert fused and fused[0]["workload"]["shards"] == 8
+    assert conf["cuda_graphs"] == {"decode": 1, "decode_nccl": 1}
+
+
 @pytest.mark.parametrize("protocol", ["flag", "ll"])
 @pytest.mark.parametrize("shards", [1, 2, 4, 8])
 def test_allreduce_add_norm_arithmetic_on_cpu(shards, protocol):
