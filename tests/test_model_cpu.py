@@ -215,6 +215,23 @@ def test_bad_input_is_one_line(args, message, tmp_path):
     assert message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
 
 
+def test_build_reads_a_jsonl_database_and_refuses_a_corrupt_one_at_once(tmp_path):
+    from shardtune.database.reference import REFERENCE_DIR
+
+    ref = str(REFERENCE_DIR / "sm_90.jsonl")   # an export serves as --db as it is (read-only)
+    conf = build(str(tmp_path / "j"), model="tiny", random_weights=True, arch="sm_90", capacity=64,
+                     prefill=(), db=ref)
+    assert conf["database"] == ref
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"not a database" * 100)
+    # before the 70B program is made (minutes on a small machine), and the file left as it was
+    r = subprocess.run([sys.executable, "-m", "shardtune", "build", "--model", "llama2-70b", "--random-weights",
+                        "--arch", "sm_90", "--db", str(bad), "-o", str(tmp_path / "x")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not a SQLite database" in r.stderr and r.stderr.strip().count("\n") == 0
+    assert bad.read_bytes() == b"not a database" * 100 and not (tmp_path / "x").exists()
+
+
 def test_wrong_checkpoint_and_existing_folder(hf_dir, built, tmp_path):
     # a checkpoint of another size: its config disagrees with its tensors
     bad = tmp_path / "bad"
