@@ -133,7 +133,7 @@ def lm_head_split(cfg: LlamaConfig, shards: int) -> bool:
     """The LM head is split by vocabulary rows wherever the shards divide the vocabulary (every
     preset), and the logits gathered after it: at TP4 a replicated fp16 head of 32000 x 8192 would
     read 524 MB on every GPU every token, 5% of a Llama-2-70B shard's bytes, where the gather moves
-    128 KB. Every rank then holds the very same logits, so all of them pick the same greedy token."""
+    64 KB of fp16 logits. Every rank then holds the very same logits, so all of them pick the same greedy token."""
     return cfg.vocab_size % shards == 0
 
 

@@ -225,7 +225,7 @@ def shard_param(name: str, full: np.ndarray, cfg: LlamaConfig, shards: int, shar
     if kind in ("o", "down"):
         return _cols(full, shards, shard)
     if name == "lm_head.weight" and lm_head_split(cfg, shards):
-        return full[_part(len(full), shards, shard)]
+        return _rows([full], shards, shard)
     return full  # embedding, norms (and an LM head the shards do not divide): replicated
 
 
