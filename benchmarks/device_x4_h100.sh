@@ -9,7 +9,10 @@
 #   tests:   the sharded model against one GPU (TP2, TP4; nccl and fused), the fused all-reduce at
 #            TP2 and TP4, then one tune per GPU for records the reference database lacks
 # Usage: bash benchmarks/device_x4_h100.sh scaling|compare|tests
+# A call brings back at most 8 files: each phase's results go into $OUT/<phase>.tgz, logs beside it.
 source benchmarks/device_env.sh || exit 3
+R=/tmp/results-$1; mkdir -p $R
+trap 'tar -czf "$OUT/$1.tgz" -C $R .' EXIT
 M=.device/models B=.device/models_before
 echo "device: $(nvidia-smi -L | wc -l) x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)  date: $(date -u +%FT%TZ)" | tee -a "$OUT/run.log"
 # the tree before (its runtime, and its disco workers')
@@ -18,34 +21,33 @@ before="env PYTHONPATH=/tmp/basepkg:$PYTHONPATH"
 BENCH="python3 -m shardtune bench --prompt-len 8 --gen-len 256 --repeat 3"
 case $1 in
 scaling)
-  TAIL=16 step timeout 560 $BENCH --scaling $(ls -d $M/*/ | sort -V) --json "$OUT/scaling_h100_x4.json" ;;
+  TAIL=16 step timeout 560 $BENCH --scaling $(ls -d $M/*/ | sort -V) --json "$R/scaling_x4.json" ;;
 compare)
   for d in llama2-70b-q4f16_1-tp2 llama2-70b-q4f16_1-tp4 codellama-34b-q4f16_1-tp2 llama2-7b-q4f16_1-tp4; do
-    TAIL=1 step timeout 90 $before $BENCH $B/$d --json "$OUT/before_$d.json"
-    TAIL=1 step timeout 90 $BENCH $M/$d --json "$OUT/after_$d.json"
+    TAIL=1 step timeout 90 $before $BENCH $B/$d --json "$R/before_$d.json"
+    TAIL=1 step timeout 90 $BENCH $M/$d --json "$R/after_$d.json"
   done
   for d in llama2-70b-q4f16_1-tp4 llama2-7b-q4f16_1-tp4; do
-    TAIL=3 step timeout 60 $before python3 benchmarks/tp_diag.py $B/$d --json "$OUT/tp_diag_before_$d.json"
-    TAIL=3 step timeout 60 python3 benchmarks/tp_diag.py $M/$d --json "$OUT/tp_diag_after_$d.json"
+    TAIL=3 step timeout 60 $before python3 benchmarks/tp_diag.py $B/$d --json "$R/tp_diag_before_$d.json"
+    TAIL=3 step timeout 60 python3 benchmarks/tp_diag.py $M/$d --json "$R/tp_diag_after_$d.json"
   done
   for n in 1 8 16 32; do
-    TAIL=1 step timeout 40 $BENCH $M/llama2-7b-q4f16_1-tp1 --read-every $n --json "$OUT/read_every_$n.json"
+    TAIL=1 step timeout 40 $BENCH $M/llama2-7b-q4f16_1-tp1 --read-every $n --json "$R/read_every_$n.json"
   done ;;
 tests)
   LOG=tests.log TAIL=14 step timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_sharded_gpu.py
   for n in 2 4; do
-    TAIL=6 step timeout 150 python3 benchmarks/allreduce_fusion.py --shards $n --hidden 8192 --json "$OUT/allreduce_fusion_tp$n.json"
+    TAIL=6 step timeout 150 python3 benchmarks/allreduce_fusion.py --shards $n --hidden 8192 --json "$R/allreduce_fusion_tp$n.json"
   done
   g=0
   for job in llama2-13b:1 llama3-8b:1 llama2-70b:1 codellama-34b:1; do
     IFS=: read m s <<< "$job"
     (CUDA_VISIBLE_DEVICES=$g timeout 200 python3 -m shardtune tune --arch sm_90 --model $m --shards $s \
-       --kernels gemv,norm,attention --time-budget 170 --db /tmp/tune_$m-tp$s.db --no-progress > /tmp/tune_$m-tp$s.log 2>&1
-     python3 -m shardtune db export /tmp/tune_$m-tp$s.db -o /tmp/tune_$m-tp$s.jsonl >/dev/null 2>&1) &
+       --kernels gemv,norm,attention --time-budget 170 --db /tmp/tune_$m-tp$s.db --no-progress > $R/tune_$m-tp$s.log 2>&1
+     python3 -m shardtune db export /tmp/tune_$m-tp$s.db -o $R/tune_$m-tp$s.jsonl >/dev/null 2>&1) &
     g=$((g + 1))
   done
-  wait   # few files come back from a call: one log, one export
-  tail -n 30 /tmp/tune_*.log | tee "$OUT/tunes.log" | grep -v "^$" | tail -40
-  cat /tmp/tune_*.jsonl > "$OUT/tune_tp1.jsonl" ;;
+  wait
+  tail -n 14 $R/tune_*.log ;;
 *) echo "usage: $0 scaling|compare|tests"; exit 2 ;;
 esac
