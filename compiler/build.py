@@ -131,7 +131,6 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     from tvm import relax
 
     from ..tuner.targets import get_arch, target_of
-    from ..models import lm_head_split
     from . import weights as W
 
     check_quant(quant)
@@ -198,7 +197,7 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
         "shards": shards, "allreduce": allreduce if shards > 1 else None, "capacity": capacity,
         "device_greedy": True,   # decode writes the greedy token and position (older builds' does not)
         # the LM head split and its logits gathered: every rank picks the same greedy token
-        "lm_head_split": shards > 1 and lm_head_split(cfg, shards),
+        "lm_head_split": llama.head_gathered,
         "prefill_buckets": buckets, "random_weights": weights is None,
         "params": [[name, list(spec[name][0]), spec[name][1]] for name in order],
         "cache": {"shape": list(llama.cache_shape()), "dtype": "float32" if quant == "q0f32" else "float16",

@@ -118,6 +118,8 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList([Layer(cfg, quant, shards) for _ in range(cfg.num_hidden_layers)])
         self.norm = Weight((cfg.hidden_size,), dt)
         self.lm_head = Linear(lm_head_rows(cfg, shards), cfg.hidden_size, "q0f32" if quant == "q0f32" else "q0f16")
+        # each shard holds some of the head's rows: its logits are gathered after it
+        self.head_gathered = shards > 1 and lm_head_split(cfg, shards)
         self.fused_residual = residual_in_gemv(quant, shards)
 
     # --- pieces ---------------------------------------------------------------
@@ -144,7 +146,7 @@ class Llama(nn.Module):
         """Logits [1, V]: each shard's rows of the LM head, then gathered (shard order is vocabulary
         order) where the head is split, so every rank holds all of them, bit for bit the same."""
         logits = self.lm_head(y, call)
-        if self.shards > 1 and lm_head_split(self.cfg, self.shards):
+        if self.head_gathered:
             logits = op.reshape(op.ccl_allgather(logits, self.shards), [1, self.cfg.vocab_size])
         return logits
 
