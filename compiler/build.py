@@ -36,7 +36,7 @@ def _kernel_tag(func) -> dict | None:
 
 def apply_database(mod, db, arch: str, shards: int, target, device: str | None = None) -> list[dict]:
     """Replace each template PrimFunc by its best record's schedule (the fastest measured on
-    `device`, where a record was: see _best_record). Without a record a GPU kernel gets TVM's
+    `device`, where a record was: see TuningDB.best_for). Without a record a GPU kernel gets TVM's
     dlight rules (GEMV, norms), or the template's default knobs where dlight has no real rule for
     it (attention, SiLU(gate)*up); a CPU one gets the default knobs. Returns what each got."""
     import tvm
@@ -50,7 +50,7 @@ def apply_database(mod, db, arch: str, shards: int, target, device: str | None =
         if tag is None:
             continue
         tpl = get_template(tag["template"])
-        rec, tuned_at = _best_record(db, tpl.name, tag["workload"], arch, shards, device)
+        rec, tuned_at = (None, None) if db is None else db.best_for(tpl.name, tag["workload"], arch, shards, device)
         entry = {"function": gv.name_hint, "site": tag["site"], "template": tpl.name, "workload": tag["workload"]}
         if rec is not None:
             entry["measured_on"] = rec.device
@@ -81,20 +81,6 @@ def apply_database(mod, db, arch: str, shards: int, target, device: str | None =
         mod[gv] = sched.with_attr("tirx.is_scheduled", True)
         report.append(entry)
     return report
-
-
-def _best_record(db, template: str, workload: dict, arch: str, shards: int, device: str | None = None):
-    """(record, its shard count). The same per-shard workload runs the same at any shard count
-    (a norm over the full hidden size, say): a record tuned at another count serves too. Records
-    measured on `device` come first: one arch spans GPUs of other memory speeds (H100 and H200 are
-    both sm_90), whose fastest knobs differ and whose times do not compare."""
-    if db is None:
-        return None, None
-    for s in [shards] + [s for s in (1, 2, 4, 8) if s != shards]:
-        recs = db.top_k(template, workload, arch, s, 1000)
-        if recs:
-            return next((r for r in recs if r.device == device), recs[0]), s
-    return None, None
 
 
 def local_device_of(arch: str) -> str | None:

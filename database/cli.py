@@ -71,6 +71,18 @@ def add_db_commands(parser: argparse.ArgumentParser) -> None:
                 "2 if it is missing or unusable.")
     p.add_argument("db", nargs="?", metavar="DB", help=DB_HELP)
 
+    p = command("coverage", cmd_coverage, "which kernels of each model and shard count have a record",
+                "For each model and shard count, the kernels a build needs and how many of them find a "
+                "record (by the build's own rule: any shard count with the same per-shard workload), and "
+                "how many were measured on --device. A .jsonl export works as DB too.")
+    p.add_argument("db", nargs="?", metavar="DB", help=DB_HELP)
+    p.add_argument("--arch", required=True)
+    p.add_argument("--device", help="also count records measured on this GPU (its name, or part of it: H100)")
+    p.add_argument("--models", help="comma-separated (default: every preset but tiny)")
+    p.add_argument("--shards", default="1,2,4", help="comma-separated shard counts (default 1,2,4)")
+    p.add_argument("--kernels", default="gemv,norm,attention,allreduce", help="kernel kinds (default: all)")
+    p.add_argument("--quant", default="q4f16_1", choices=["q4f16_1", "q0f16"])
+
     p = command("stats", cmd_stats, "counts per template/arch/shards, file size, schema version")
     p.add_argument("db", nargs="?", metavar="DB", help=DB_HELP)
 
@@ -174,6 +186,47 @@ def cmd_validate(args) -> int:
         rows = [(s.record.template, canonical(s.record.workload), s.record.arch, s.record.shards,
                  s.record.created_at, s.reason) for s in stale]
         print(_table(rows, ["template", "workload", "arch", "shards", "created", "why stale"]))
+    return 0
+
+
+def cmd_coverage(args) -> int:
+    from ..errors import UserError
+    from ..models import PRESETS
+    from ..tuner.workloads import kernel_instances
+    from .reference import open_any
+
+    models = args.models.split(",") if args.models else [m for m in PRESETS if m != "tiny"]
+    try:
+        shard_counts = [int(s) for s in args.shards.split(",")]
+    except ValueError:
+        raise UserError(f"--shards {args.shards!r}: give comma-separated integers such as 1,2,4") from None
+    db = open_any(args.db or default_db_path())
+    device = args.device
+    if device:
+        names = sorted({r.device for r in db.records(arch=args.arch) if device in r.device})
+        if len(names) != 1:
+            raise UserError(f"--device {device!r} matches " + (", ".join(names) if names else "no GPU")
+                            + f" among the {args.arch} records: name one GPU")
+        device = names[0]
+    rows, complete = [], True
+    for model in models:
+        for shards in shard_counts:
+            try:
+                instances = kernel_instances(model, shards, args.kernels.split(","), quant=args.quant)
+            except UserError as e:
+                rows.append((model, shards, "-", "-", "-", str(e)))
+                continue
+            found = [db.best_for(i.template, i.workload, args.arch, shards, device)[0] for i in instances]
+            ours = [r for r in found if r is not None and r.device == device]
+            missing = sorted({i.template for i, r in zip(instances, found)
+                              if r is None or (device and r.device != device)})
+            complete &= not missing
+            rows.append((model, shards, len(instances), sum(r is not None for r in found),
+                         len(ours) if device else "-", ", ".join(missing)))
+    print(_table(rows, ["model", "shards", "kernels", "with a record", f"from {device or '--device'}",
+                        "lacking (templates)"]))
+    where = f" from {device}" if device else ""
+    print(f"every kernel has a record{where}" if complete else f"some kernels lack a record{where}")
     return 0
 
 

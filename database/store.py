@@ -338,6 +338,20 @@ class TuningDB:
         found = self.top_k(template, workload, arch, shards, 1)
         return found[0] if found else None
 
+    def best_for(self, template, workload, arch, shards, device: str | None = None) -> tuple[Record | None, int | None]:
+        """(record, its shard count) that a build uses for one kernel. The per-shard workload
+        decides how a kernel runs (a norm over the full hidden size runs the same at any shard
+        count), so records of other shard counts serve too: `shards` first, then 1, 2, 4, 8. The
+        fastest measured on `device` comes first, at any of them: one arch spans GPUs of other
+        memory speeds (H100 and H200 are both sm_90), whose best knobs differ and whose times do
+        not compare. Else the fastest of the first shard count that has any."""
+        found = [(s, self.top_k(template, workload, arch, s, 1000)) for s in dict.fromkeys((shards, 1, 2, 4, 8))]
+        for s, recs in found:
+            for rec in recs:
+                if rec.device == device:
+                    return rec, s
+        return next(((recs[0], s) for s, recs in found if recs), (None, None))
+
     def best_per_key(self, arch=None, shards=None, template=None) -> list[Record]:
         """The fastest valid record of every key, in key order; stale ones are skipped."""
         validator, out, skipped, done = Validator(), [], [], None

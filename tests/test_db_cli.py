@@ -183,3 +183,17 @@ def test_export_into_a_closed_pipe_is_quiet(tmp_path, q4_record):
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert "Traceback" not in err and proc.returncode in (0, 1)
+
+
+def test_coverage_counts_the_kernels_a_build_finds_records_for(tmp_path):
+    from shardtune.database.reference import reference_files
+
+    (ref,) = reference_files()
+    r = shardtune("db", "coverage", ref, "--arch", "sm_90", "--models", "llama2-70b,tiny", "--shards", "1,3")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    row = next(line.split() for line in lines if line.startswith("llama2-70b") and line.split()[1] == "1")
+    assert row[2] == row[3] == "10"          # 10 kernels at one shard, each with a record of some GPU
+    assert any(line.startswith("llama2-70b") and "not divide" in line for line in lines)   # 3 shards
+    r = shardtune("db", "coverage", ref, "--arch", "sm_90", "--device", "NVIDIA")
+    assert r.returncode == 2 and "name one GPU" in r.stderr and len(r.stderr.splitlines()) == 1

@@ -394,3 +394,12 @@ def test_build_prefers_records_of_its_own_gpu(tmp_path):
     for device, tx in (("NVIDIA H100 80GB HBM3", 64), (None, 32), ("NVIDIA A100", 32)):
         (entry,) = apply_database(tvm.IRModule({"k": func}), db, "sm_90", 1, target, device)
         assert entry["knobs"]["tx"] == tx and entry["measured_on"] != "NVIDIA A100", (device, entry)
+    # A 2-shard build of the same per-shard workload: the H100's 1-shard record beats the H200's
+    # 2-shard one for an H100; with no device named, the build's own shard count comes first.
+    db.add(Record(template=tpl.name, template_hash=tpl.source_hash, workload=wl, arch="sm_90", shards=2,
+                  device="NVIDIA H200", compute_units=132, knobs={**tpl.default_knobs(wl, target), "tx": 128},
+                  latency_us=6.0, latency_spread_us=0.1, runs=10, bandwidth_gbps=10.0, max_rel_error=1e-4,
+                  tvm_version=installed_tvm_version()))
+    for device, tx in (("NVIDIA H100 80GB HBM3", 64), (None, 128)):
+        (entry,) = apply_database(tvm.IRModule({"k": func}), db, "sm_90", 2, target, device)
+        assert entry["knobs"]["tx"] == tx, (device, entry)

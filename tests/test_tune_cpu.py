@@ -231,3 +231,16 @@ def _measure_three_times_and_a_wrong_one(tpl, name, wl, tmp_path, calls):
     # a kernel that writes nothing: its outputs keep the NaN they were poisoned with
     wrong = measure.measure_on(tvm.cpu(0), lambda: {"main": lambda *args: None}, name, wl, repeat=2)
     assert "numerics" in wrong["error"] and len(calls) == 1
+
+
+def test_missing_only_tunes_just_the_kernels_without_a_record(tmp_path):
+    import io
+
+    db = str(tmp_path / "t.db")
+    first = shardtune.tune(arch="cpu", shards=1, model="tiny", db=db, trials_per_kernel=2, progress=False)
+    out = io.StringIO()
+    second = shardtune.tune(arch="cpu", shards=1, model="tiny", db=db, trials_per_kernel=2, progress=False,
+                            kernels=["gemv", "norm"], missing_only=True, out=out)
+    assert "5 of 6 kernels already have a record" in out.getvalue()
+    assert {r.template for r in first} & {r.template for r in second} == set()
+    assert {r.template for r in second} == {"rms_norm"}

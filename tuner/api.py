@@ -49,6 +49,15 @@ def parse_duration(text: str | float | None) -> float | None:
         raise UserError(f"--time-budget {text!r}: use a number of seconds or e.g. 90s, 10m, 1h") from None
 
 
+def _without_records(instances, store, arch: str, shards: int, device: str, out) -> list:
+    have = [inst for inst in instances
+            if getattr(store.best_for(inst.template, inst.workload, arch, shards, device)[0], "device", None) == device]
+    if have:
+        print(f"{len(have)} of {len(instances)} kernels already have a record from {device}: skipped",
+              file=out)
+    return [inst for inst in instances if inst not in have]
+
+
 def _device_description(device_type: str, remote: dict | None = None) -> dict:
     """The provenance fields of a record that describe where it was measured:
     here, or on an RPC server (`remote` is what remote.describe found there)."""
@@ -114,8 +123,10 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
          time_budget: float | str | None = None, seed: int = 0, kernels: list[str] | None = None,
          dry_run: bool = False, builders: int | None = None, batch: int = 1, quant: str = "q4f16_1",
          progress: bool = True, out=sys.stdout, rpc_tracker: str | None = None, rpc_key: str | None = None,
-         rpc_workers: int | None = None) -> list:
+         rpc_workers: int | None = None, missing_only: bool = False) -> list:
     """Tune, store, print a table; returns the Records stored (empty on a dry run).
+    With `missing_only`, kernels that already have a current record measured on this device (at
+    any shard count: a build takes those too) are left out, so a run fills the database's gaps.
     With `rpc_tracker` ("host:port") and `rpc_key`, candidates are measured on the devices
     registered with that TVM RPC tracker under that key, `rpc_workers` at a time
     (default: as many as the tracker has free servers)."""
@@ -152,6 +163,8 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
             # thread's memcpy and small kernels live in a cache of hundreds of MB: no such ceiling.
             bench.ceiling_gbps = copy_gbps
         device = _device_description(device_type, where)
+        if missing_only:
+            instances = _without_records(instances, store, a.name, shards, device["device"], out)
         studies = os.path.splitext(db_path)[0] + ".studies.db"
         start = time.monotonic()
         total = trials_per_kernel * len(instances)

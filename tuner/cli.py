@@ -28,6 +28,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpc-key", metavar="KEY", help="the tracker key the devices are registered under")
     p.add_argument("--rpc-workers", type=int, metavar="K",
                    help="devices measuring at once, one session each (default: the tracker's free servers)")
+    p.add_argument("--missing-only", action="store_true",
+                   help="tune only kernels without a current record from this device (at any shard count)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -42,7 +44,7 @@ def run(args) -> int:
          trials_per_kernel=args.trials_per_kernel, time_budget=args.time_budget, seed=args.seed,
          kernels=[k.strip() for k in args.kernels.split(",") if k.strip()], dry_run=args.dry_run,
          builders=args.builders, batch=args.batch, quant=args.quant, progress=not args.no_progress,
-         rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, rpc_workers=args.rpc_workers)
+         rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, rpc_workers=args.rpc_workers, missing_only=args.missing_only)
     return 0
 
 
