@@ -9,10 +9,11 @@
 #   tests:   the sharded model against one GPU (TP2, TP4; nccl and fused), the fused all-reduce at
 #            TP2 and TP4, then one tune per GPU for records the reference database lacks
 #   profile: per-kernel CUPTI profile (GPU 0) and all-reduce latency of Llama-2-70B at 4 and 2 shards
-#   records: four chains of `tune --missing-only`, one per GPU, each on a database seeded with the
-#            reference: every kernel of the shipped models at 1, 2 and 4 shards (the fused all-reduce
-#            too) without a record from this GPU model yet, about 10 s of search each; a chain starts
-#            no tune after 500 s, and exports its database after each
+#   records: chains of `tune --missing-only` (four GPUs: one chain each; one GPU: one chain of it
+#            all) on databases seeded with the reference and .device/seed/*.jsonl: every kernel of
+#            the shipped models at 1, 2 and 4 shards (the fused all-reduce too) without a record from
+#            this GPU model yet, 7-10 s of search each; a chain starts no tune after $DEADLINE s
+#            (500), and exports its database after each
 # Usage: bash benchmarks/device_x4_h100.sh scaling|compare|tests|profile|records
 # A call brings back at most 8 files: each phase's results go into $OUT/<phase>.tgz, logs beside it.
 source benchmarks/device_env.sh || exit 3
@@ -59,24 +60,34 @@ profile)
     TAIL=30 step timeout 120 python3 benchmarks/decode_profile.py $M/$d --json "$R/profile_$d.json"
     TAIL=8 step timeout 60 python3 benchmarks/tp_diag.py $M/$d --json "$R/tp_diag_$d.json"
   done ;;
-records)
+records)   # one GPU: one chain of every job, most-used models first; run it again to go on
   chain() {   # GPU MODEL:SHARDS:SECONDS...
     local g=$1 db=/tmp/chain$1.db; shift
-    python3 -m shardtune db import $db database/reference/sm_90.jsonl > /dev/null
+    for f in database/reference/sm_90.jsonl .device/seed/*.jsonl; do
+      [ -f $f ] && python3 -m shardtune db import $db $f > /dev/null
+    done
     for job in "$@"; do
-      [ $SECONDS -lt 500 ] || break
+      [ $SECONDS -lt ${DEADLINE:-500} ] || break
       IFS=: read m s t <<< "$job"
       CUDA_VISIBLE_DEVICES=$g timeout $((t + 90)) python3 -m shardtune tune --arch sm_90 --model $m --shards $s --builders 15 \
-        --kernels gemv,norm,attention,allreduce --time-budget $t --missing-only --db $db --no-progress >> $R/chain$g.log 2>&1
+        --kernels ${KERNELS:-gemv,norm,attention,allreduce} --time-budget $t --missing-only --db $db --no-progress >> $R/chain$g.log 2>&1
       echo "   $m x$s rc=$? at $SECONDS s" >> $R/chain$g.log
       python3 -m shardtune db export $db -o $R/chain$g.jsonl > /dev/null 2>&1
     done
   }
-  chain 0 llama2-7b:1:15 llama2-7b:2:120 llama2-7b:4:110 codellama-34b:4:50 &
-  chain 1 llama2-13b:1:100 llama2-13b:2:100 llama2-13b:4:95 &
-  chain 2 llama3-8b:1:80 llama3-8b:2:90 llama3-8b:4:100 &
-  chain 3 codellama-34b:1:90 llama2-70b:1:35 codellama-34b:2:35 llama3-70b:1:25 llama3-70b:2:30 llama3-70b:4:30 &
-  wait
+  if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
+    chain 0 llama2-7b:1:15 llama2-7b:2:120 llama2-7b:4:110 codellama-34b:4:50 &
+    chain 1 llama2-13b:1:100 llama2-13b:2:100 llama2-13b:4:95 &
+    chain 2 llama3-8b:1:80 llama3-8b:2:90 llama3-8b:4:100 &
+    chain 3 codellama-34b:1:90 llama2-70b:1:35 codellama-34b:2:35 llama3-70b:1:25 llama3-70b:2:30 llama3-70b:4:30 &
+    wait
+  elif [ -n "$JOBS" ]; then   # the rest of a chain, on a warm machine
+    chain 0 $JOBS
+  else
+    chain 0 llama2-70b:1:60 codellama-34b:1:35 llama2-13b:1:70 llama3-8b:1:50 llama3-70b:1:15 llama2-7b:1:8 \
+      llama2-70b:4:30 llama2-70b:2:15 codellama-34b:2:15 codellama-34b:4:20 llama3-70b:2:15 llama3-70b:4:15 \
+      llama2-7b:2:75 llama2-7b:4:70 llama2-13b:2:75 llama2-13b:4:70 llama3-8b:2:55 llama3-8b:4:60
+  fi
   tail -n 4 $R/chain*.log ;;
 *) echo "usage: $0 scaling|compare|tests|profile|records"; exit 2 ;;
 esac

@@ -255,8 +255,9 @@ class AllReduceAddNorm(Template):
         return tvm.IRModule({"main": _kernel(wl["shards"], wl["H"], threads, vec, knobs["protocol"], gpu)})
 
     def inputs(self, wl, rng):
-        """One GPU standing in for all: the peers' partials wait in round 1's slot (flag) and
-        lines (ll), and every flag says ready."""
+        """One GPU standing in for all: the peers' partials wait in both slots (flag) and lines
+        (ll), and every flag and line says ready, so every round passes the barrier and reduces
+        the same values: timing runs the kernel many times, one round after another."""
         N, H = wl["shards"], wl["H"]
         partial = rng.standard_normal((1, H)).astype(np.float16)
         residual = rng.standard_normal((1, H)).astype(np.float16)
@@ -265,9 +266,9 @@ class AllReduceAddNorm(Template):
         lines = [np.zeros((2, N, H // 2, 2), np.int32) for _ in range(N)]
         for p in range(1, N):
             peer = rng.standard_normal(H).astype(np.float16)
-            comm[p][1] = peer
-            lines[0][1, p, :, 0] = peer.view(np.int32)
-            lines[0][1, p, :, 1] = READY
+            comm[p][:] = peer
+            lines[0][:, p, :, 0] = peer.view(np.int32)
+            lines[0][:, p, :, 1] = READY
         flags = [np.zeros(N, np.int32) for _ in range(N)]
         flags[0][1:] = READY
         out = [np.zeros((1, H), np.float16), np.zeros((1, H), np.float16)]

@@ -163,6 +163,33 @@ def test_allreduce_add_norm_arithmetic_on_cpu(shards, protocol):
         assert (line[:, 1] == 1).all()
 
 
+@pytest.mark.parametrize("protocol", ["flag", "ll"])
+def test_allreduce_add_norm_inputs_serve_every_round(protocol):
+    """Timing runs the kernel round after round on one GPU's inputs: rounds 2 and 4 use slot 0,
+    whose lines must say ready too (before, `ll` waited there forever and `flag` summed zeros)."""
+    import numpy as np
+    import tvm
+
+    from shardtune.kernels import get_template
+    from shardtune.kernels.allreduce_add_norm import READY
+    from shardtune.tuner.targets import get_arch, target_of
+
+    tpl, cpu, shards = get_template("allreduce_add_norm"), target_of(get_arch("cpu")), 4
+    wl = {"H": 512, "shards": shards, "batch": 1}
+    inputs = tpl.inputs(wl, np.random.default_rng(0))
+    lines = inputs[3 + 2 * shards]
+    assert (lines[:, 1:, :, 1] == READY).all()      # what the GPU's wait checks, in both slots
+    args = [tvm.runtime.tensor(a) for a in inputs]
+    run = tvm.compile(tpl.schedule(wl, {"protocol": protocol}, cpu), target=cpu)["main"]
+    y_ref, h_ref = tpl.reference(inputs)
+    for rnd in range(1, 5):
+        run(*args)
+        assert args[3 + shards].numpy()[0] == rnd
+        np.testing.assert_array_equal(args[-1].numpy(), h_ref)
+        np.testing.assert_allclose(args[-2].numpy().astype(np.float32), y_ref.astype(np.float32),
+                                   atol=2e-3, rtol=2e-3)
+
+
 def test_allreduce_add_norm_cuda_has_the_barrier_and_rocm_is_refused():
     import shutil
     import subprocess

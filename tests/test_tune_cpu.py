@@ -244,3 +244,7 @@ def test_missing_only_tunes_just_the_kernels_without_a_record(tmp_path):
     assert "5 of 6 kernels already have a record" in out.getvalue()
     assert {r.template for r in first} & {r.template for r in second} == set()
     assert {r.template for r in second} == {"rms_norm"}
+    out = io.StringIO()
+    assert shardtune.tune(arch="cpu", shards=1, model="tiny", db=db, progress=False, kernels=["norm"],
+                          missing_only=True, out=out) == []   # nothing left to tune
+    assert "1 of 1 kernels already have a record" in out.getvalue()

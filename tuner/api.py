@@ -165,6 +165,8 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
         device = _device_description(device_type, where)
         if missing_only:
             instances = _without_records(instances, store, a.name, shards, device["device"], out)
+            if not instances:
+                return []
         studies = os.path.splitext(db_path)[0] + ".studies.db"
         start = time.monotonic()
         total = trials_per_kernel * len(instances)

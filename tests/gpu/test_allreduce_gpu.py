@@ -22,7 +22,9 @@ def test_fused_allreduce_norm_matches_reference_on_gpu(shards):
     for knobs in (k for k in grid if tpl.check(wl, k, target) is None):
         dev = tvm.cuda(0)
         args = [tvm.runtime.tensor(a, dev) for a in inputs]
-        tvm.compile(tpl.schedule(wl, knobs, target), target=target)["main"](*args)
+        run = tvm.compile(tpl.schedule(wl, knobs, target), target=target)["main"]
+        for _ in range(3):   # rounds 1-3: both slots, as timing runs it
+            run(*args)
         y_ref, h_ref = tpl.reference(inputs)
         np.testing.assert_array_equal(args[-1].numpy(), h_ref)
         np.testing.assert_allclose(args[-2].numpy().astype(np.float32), y_ref.astype(np.float32), atol=2e-3, rtol=2e-3)
