@@ -191,11 +191,21 @@ def cmd_validate(args) -> int:
 
 def cmd_coverage(args) -> int:
     from ..errors import UserError
-    from ..models import PRESETS
+    from ..models import PRESETS, load_config
     from ..tuner.workloads import kernel_instances
     from .reference import open_any
 
+    from ..tuner.targets import get_arch
+    from ..tuner.workloads import KINDS
+
+    get_arch(args.arch)   # an unknown arch: one line naming the known ones
+    kinds = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise UserError(f"unknown kernel kind(s) {', '.join(unknown)}: use {', '.join(KINDS)}")
     models = args.models.split(",") if args.models else [m for m in PRESETS if m != "tiny"]
+    for model in models:
+        load_config(model)   # an unknown model or a bad config.json: one line
     try:
         shard_counts = [int(s) for s in args.shards.split(",")]
     except ValueError:
@@ -212,7 +222,7 @@ def cmd_coverage(args) -> int:
     for model in models:
         for shards in shard_counts:
             try:
-                instances = kernel_instances(model, shards, args.kernels.split(","), quant=args.quant)
+                instances = kernel_instances(model, shards, kinds, quant=args.quant)
             except UserError as e:
                 rows.append((model, shards, "-", "-", "-", str(e)))
                 continue

@@ -197,3 +197,14 @@ def test_coverage_counts_the_kernels_a_build_finds_records_for(tmp_path):
     assert any(line.startswith("llama2-70b") and "not divide" in line for line in lines)   # 3 shards
     r = shardtune("db", "coverage", ref, "--arch", "sm_90", "--device", "NVIDIA")
     assert r.returncode == 2 and "name one GPU" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,message", [(["--arch", "sm_99"], "unknown arch"),
+                                          (["--arch", "sm_90", "--kernels", "gemv,fft"], "unknown kernel kind"),
+                                          (["--arch", "sm_90", "--models", "llama9"], "unknown model"),
+                                          (["--arch", "sm_90", "--shards", "two"], "comma-separated integers")])
+def test_coverage_bad_input_is_one_line(args, message):
+    from shardtune.database.reference import reference_files
+
+    r = shardtune("db", "coverage", reference_files()[0], *args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
