@@ -185,26 +185,34 @@ def test_export_into_a_closed_pipe_is_quiet(tmp_path, q4_record):
     assert "Traceback" not in err and proc.returncode in (0, 1)
 
 
-def test_coverage_counts_the_kernels_a_build_finds_records_for(tmp_path):
+def coverage(capsys, *args):
+    """`shardtune db coverage` in this process (a subprocess per case costs seconds of imports)."""
+    from shardtune.cli import main
     from shardtune.database.reference import reference_files
 
-    (ref,) = reference_files()
-    r = shardtune("db", "coverage", ref, "--arch", "sm_90", "--models", "llama2-70b,tiny", "--shards", "1,3")
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+    rc = main(["db", "coverage", str(reference_files()[0]), *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_coverage_counts_the_kernels_a_build_finds_records_for(capsys):
+    rc, out, err = coverage(capsys, "--arch", "sm_90", "--models", "llama2-70b,tiny", "--shards", "1,3")
+    assert rc == 0, err
+    lines = out.splitlines()
     row = next(line.split() for line in lines if line.startswith("llama2-70b") and line.split()[1] == "1")
     assert row[2] == row[3] == "10"          # 10 kernels at one shard, each with a record of some GPU
     assert any(line.startswith("llama2-70b") and "not divide" in line for line in lines)   # 3 shards
-    r = shardtune("db", "coverage", ref, "--arch", "sm_90", "--device", "NVIDIA")
-    assert r.returncode == 2 and "name one GPU" in r.stderr and len(r.stderr.splitlines()) == 1
+    rc, out, err = coverage(capsys, "--arch", "sm_90", "--models", "llama2-70b", "--shards", "2",
+                            "--kernels", "gemv", "--device", "H100")
+    row = next(line.split() for line in out.splitlines() if line.startswith("llama2-70b"))
+    assert rc == 0 and row[2] == row[3] == row[4] == "5"   # H100 records for all five GEMVs
 
 
 @pytest.mark.parametrize("args,message", [(["--arch", "sm_99"], "unknown arch"),
                                           (["--arch", "sm_90", "--kernels", "gemv,fft"], "unknown kernel kind"),
                                           (["--arch", "sm_90", "--models", "llama9"], "unknown model"),
-                                          (["--arch", "sm_90", "--shards", "two"], "comma-separated integers")])
-def test_coverage_bad_input_is_one_line(args, message):
-    from shardtune.database.reference import reference_files
-
-    r = shardtune("db", "coverage", reference_files()[0], *args)
-    assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+                                          (["--arch", "sm_90", "--shards", "two"], "comma-separated integers"),
+                                          (["--arch", "sm_90", "--device", "NVIDIA"], "name one GPU")])
+def test_coverage_bad_input_is_one_line(capsys, args, message):
+    rc, out, err = coverage(capsys, *args)
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err

@@ -417,7 +417,7 @@ def copy_bandwidth(device_type: str) -> float:
 
 
 # A GEMV only reads, and a pure read stream passes a copy's read+write rate by a few percent (the
-# memory never turns the bus around): on an H100 with a 2938 GB/s copy, fp16 LM heads of 0.26-2.1 GB,
+# memory never turns the bus around): on an H100 with a 2911-2958 GB/s copy, fp16 LM heads of 0.26-2.1 GB,
 # 5-40 times its L2, ran at 3000-3110 GB/s under dlight, and the tuner kept no candidate of any of
 # them (2026-11-27). A warm L2 shows as several times the copy rate, far above this margin.
 READ_STREAM_MARGIN = 1.1
