@@ -192,17 +192,13 @@ def cmd_validate(args) -> int:
 def cmd_coverage(args) -> int:
     from ..errors import UserError
     from ..models import PRESETS, load_config
-    from ..tuner.workloads import kernel_instances
-    from .reference import open_any
-
     from ..tuner.targets import get_arch
-    from ..tuner.workloads import KINDS
+    from ..tuner.workloads import check_kinds, kernel_instances
+    from .reference import open_any
 
     get_arch(args.arch)   # an unknown arch: one line naming the known ones
     kinds = [k.strip() for k in args.kernels.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        raise UserError(f"unknown kernel kind(s) {', '.join(unknown)}: use {', '.join(KINDS)}")
+    check_kinds(kinds)
     models = args.models.split(",") if args.models else [m for m in PRESETS if m != "tiny"]
     for model in models:
         load_config(model)   # an unknown model or a bad config.json: one line

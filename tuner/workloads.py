@@ -26,12 +26,16 @@ class KernelInstance:
     calls_per_token: int      # how often one decode step runs it
 
 
+def check_kinds(kinds: list[str]) -> None:
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise UserError(f"unknown kernel kind(s) {', '.join(unknown)}: use {', '.join(KINDS)}")
+
+
 def kernel_instances(model: str, shards: int, kernels: list[str] | None = None, batch: int = 1,
                      quant: str = "q4f16_1") -> list[KernelInstance]:
     kernels = kernels or ["gemv"]
-    unknown = [k for k in kernels if k not in KINDS]
-    if unknown:
-        raise UserError(f"unknown kernel kind(s) {', '.join(unknown)}: use {', '.join(KINDS)}")
+    check_kinds(kernels)
     if quant not in QUANTS:
         raise UserError(f"unknown quantization {quant!r}: use {', '.join(QUANTS)}")
     cfg = load_config(model)
