@@ -345,12 +345,15 @@ class TuningDB:
         fastest measured on `device` comes first, at any of them: one arch spans GPUs of other
         memory speeds (H100 and H200 are both sm_90), whose best knobs differ and whose times do
         not compare. Else the fastest of the first shard count that has any."""
-        found = [(s, self.top_k(template, workload, arch, s, 1000)) for s in dict.fromkeys((shards, 1, 2, 4, 8))]
-        for s, recs in found:
-            for rec in recs:
-                if rec.device == device:
-                    return rec, s
-        return next(((recs[0], s) for s, recs in found if recs), (None, None))
+        first = (None, None)
+        for s in dict.fromkeys((shards, 1, 2, 4, 8)):
+            recs = self.top_k(template, workload, arch, s, 1000)
+            ours = next((r for r in recs if r.device == device), None)
+            if ours is not None:
+                return ours, s
+            if recs and first[0] is None:
+                first = (recs[0], s)
+        return first
 
     def best_per_key(self, arch=None, shards=None, template=None) -> list[Record]:
         """The fastest valid record of every key, in key order; stale ones are skipped."""
