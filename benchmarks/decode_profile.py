@@ -34,7 +34,7 @@ def main() -> int:
         """us per step, steps launched back to back: the step bench runs (the argmax on the GPU
         where the build has it), without its 4-byte read per token."""
         t0 = time.perf_counter()
-        if model.shards > 1:      # the workers run n greedy steps, one read of worker 0's tokens
+        if conf["shards"] > 1:      # the workers run n greedy steps, one read of worker 0's tokens
             model.greedy_steps(n, 1, pos0)
         elif model.device_greedy:
             model.greedy_step(1, pos0, read=False)

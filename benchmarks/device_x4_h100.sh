@@ -9,12 +9,13 @@
 #   tests:   the sharded model against one GPU (TP2, TP4; nccl and fused), the fused all-reduce at
 #            TP2 and TP4, then one tune per GPU for records the reference database lacks
 #   profile: per-kernel CUPTI profile (GPU 0) and all-reduce latency of Llama-2-70B at 4 and 2 shards
-#   records: chains of `tune --missing-only` (four GPUs: one chain each; one GPU: one chain of it
-#            all) on databases seeded with the reference and .device/seed/*.jsonl: every kernel of
+#   tp2:     (two GPUs) bench of every TP2 model folder, then profile and tp_diag of 70B and 34B TP2
+#   records: chains of `tune --missing-only` (four GPUs: one chain each; two GPUs: $JOBS and
+#            $JOBS1; one GPU: one chain of it all) on databases seeded with the reference and .device/seed/*.jsonl: every kernel of
 #            the shipped models at 1, 2 and 4 shards (the fused all-reduce too) without a record from
 #            this GPU model yet, 7-10 s of search each; a chain starts no tune after $DEADLINE s
 #            (500), and exports its database after each
-# Usage: bash benchmarks/device_x4_h100.sh scaling|compare|tests|profile|records
+# Usage: bash benchmarks/device_x4_h100.sh scaling|compare|tests|profile|tp2|records
 # A call brings back at most 8 files: each phase's results go into $OUT/<phase>.tgz, logs beside it.
 source benchmarks/device_env.sh || exit 3
 R=/tmp/results-$1; mkdir -p $R
@@ -60,6 +61,12 @@ profile)
     TAIL=30 step timeout 120 python3 benchmarks/decode_profile.py $M/$d --json "$R/profile_$d.json"
     TAIL=8 step timeout 60 python3 benchmarks/tp_diag.py $M/$d --json "$R/tp_diag_$d.json"
   done ;;
+tp2)
+  TAIL=12 step timeout 250 $BENCH --scaling $(ls -d $M/*-tp2/ | sort -V) --json "$R/scaling_tp2.json"
+  for d in llama2-70b-q4f16_1-tp2 codellama-34b-q4f16_1-tp2; do
+    TAIL=30 step timeout 90 python3 benchmarks/decode_profile.py $M/$d --json "$R/profile_$d.json"
+    TAIL=8 step timeout 45 python3 benchmarks/tp_diag.py $M/$d --json "$R/tp_diag_$d.json"
+  done ;;
 records)   # one GPU: one chain of every job, most-used models first; run it again to go on
   chain() {   # GPU MODEL:SHARDS:SECONDS...
     local g=$1 db=/tmp/chain$1.db; shift
@@ -81,6 +88,10 @@ records)   # one GPU: one chain of every job, most-used models first; run it aga
     chain 2 llama3-8b:1:80 llama3-8b:2:90 llama3-8b:4:100 &
     chain 3 codellama-34b:1:90 llama2-70b:1:35 codellama-34b:2:35 llama3-70b:1:25 llama3-70b:2:30 llama3-70b:4:30 &
     wait
+  elif [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && [ -n "$JOBS1" ]; then
+    chain 0 $JOBS &
+    chain 1 $JOBS1 &
+    wait
   elif [ -n "$JOBS" ]; then   # the rest of a chain, on a warm machine
     chain 0 $JOBS
   else
@@ -89,5 +100,5 @@ records)   # one GPU: one chain of every job, most-used models first; run it aga
       llama2-7b:2:75 llama2-7b:4:70 llama2-13b:2:75 llama2-13b:4:70 llama3-8b:2:55 llama3-8b:4:60
   fi
   tail -n 4 $R/chain*.log ;;
-*) echo "usage: $0 scaling|compare|tests|profile|records"; exit 2 ;;
+*) echo "usage: $0 scaling|compare|tests|profile|tp2|records"; exit 2 ;;
 esac

@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..models import load_config
 from ..plan import DEFAULT_CAPACITY, PREFILL_BUCKETS, check_quant, prefill_buckets
 from .model import KERNEL_ATTR, Llama
+from .pdl import pdl_pipeline
 from .random_fill import add_fill_functions
 
 FORMAT = "shardtune-model/1"
@@ -106,13 +107,14 @@ def _open_db(db_path: str | None, arch: str, shards: int, log):
 def build(out_dir: str, model: str | None = None, weights: str | None = None, random_weights: bool = False,
           quant: str = "q4f16_1", arch: str = "cpu", shards: int = 1, db: str | None = None,
           capacity: int = DEFAULT_CAPACITY, prefill=PREFILL_BUCKETS, allreduce: str = "auto",
-          device: str | None = "auto", log=sys.stderr) -> dict:
+          device: str | None = "auto", pdl: str = "auto", log=sys.stderr) -> dict:
     """Build a model folder; returns its config. `weights` is a Hugging Face checkpoint folder;
     `model` with `random_weights` builds random weights of that model's real shapes. `prefill`:
     the prompt lengths to compile a batched prefill step for (each capped at the capacity; empty:
     none, the prompt goes token by token through the decode step). `device`: prefer records
     measured on this GPU model ("auto": the local GPU, where it is of `arch`; None: the fastest
-    record of any)."""
+    record of any). `pdl`: programmatic dependent launch of the step's kernels (compiler/pdl.py);
+    "auto": on for NVIDIA sm_90 and newer."""
     import tvm
     from tvm import relax
 
@@ -135,6 +137,12 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
         allreduce = "fused" if shards > 1 and a.vendor == "nvidia" else "nccl"
     if allreduce == "fused" and (shards == 1 or a.vendor != "nvidia"):
         raise UserError("--allreduce fused needs --shards 2 or more on an NVIDIA arch (its barrier is CUDA atomics)")
+    if pdl not in ("auto", "on", "off"):
+        raise UserError(f"--pdl is auto, on or off, got {pdl!r}")
+    pdl_ok = a.vendor == "nvidia" and int(a.name.removeprefix("sm_")) >= 90
+    if pdl == "on" and not pdl_ok:
+        raise UserError(f"--pdl on needs an NVIDIA arch of sm_90 or newer, not {a.name}")
+    use_pdl = pdl_ok and pdl != "off"
     if quant == "q0f32" and a.vendor != "cpu":
         raise UserError("q0f32 is for exact checks on CPUs: use q0f16 or q4f16_1 on GPUs")
     if capacity > cfg.max_position_embeddings:
@@ -161,9 +169,9 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     add_fill_functions(mod, target)
     # matmul(x, W^T) as one NT matmul kernel (prefill, and q0f32's decode), not a transpose of W first
     mod = relax.transform.FuseTransposeMatmul()(mod)
-    config = {"use_cuda_graph": a.vendor == "nvidia"}
+    config = {"use_cuda_graph": a.vendor == "nvidia", "pdl": use_pdl}
     with target, tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": config["use_cuda_graph"]}):
-        ex = tvm.compile(mod, target=target)
+        ex = tvm.compile(mod, target=target, tir_pipeline=pdl_pipeline() if use_pdl else "default")
     if config["use_cuda_graph"]:   # how many graphs each step runs: decode and each prefill_<n> one
         steps = ["decode", *(["decode_nccl"] if llama.fused_allreduce else []), *(f"prefill_{n}" for n in buckets)]
         config["cuda_graphs"] = cuda_graphs(ex.as_text(), steps)

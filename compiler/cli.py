@@ -29,6 +29,10 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefer tuning records measured on this GPU model, as the database names it (e.g. "
                         "'NVIDIA H100 80GB HBM3'; one arch spans GPUs whose best knobs differ). Default: the "
                         "local GPU when it is of --arch; 'any': the fastest record whatever measured it")
+    p.add_argument("--pdl", choices=["auto", "on", "off"], default="auto",
+                   help="programmatic dependent launch: each kernel of a step is launched while the one "
+                        "before it finishes, and waits for it before touching memory (NVIDIA sm_90 and "
+                        "newer; auto (default): on there)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="model folder to write")
     p.set_defaults(func=run)
 
@@ -48,7 +52,8 @@ def run(args) -> int:
         raise UserError(f"--prefill-buckets: comma-separated token counts or 'none', got {args.prefill_buckets!r}") from None
     conf = build(args.output, model=args.model, weights=args.weights, random_weights=args.random_weights,
                  quant=args.quant, arch=args.arch, shards=args.shards, db=args.db, capacity=args.capacity,
-                 prefill=buckets, allreduce=args.allreduce, device=None if args.device == "any" else args.device)
+                 prefill=buckets, allreduce=args.allreduce, device=None if args.device == "any" else args.device,
+                 pdl=args.pdl)
     print(f"built {conf['model']['name']} {conf['quant']} for {conf['arch']} x{conf['shards']} "
           f"in {conf['built_with']['seconds']} s: {args.output}")
     return 0

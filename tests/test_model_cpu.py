@@ -206,6 +206,7 @@ def test_cuda_and_rocm_builds_without_a_gpu(tmp_path):
     (["build", "--model", "tiny", "--random-weights", "--arch", "sm_90", "--quant", "q0f32", "-o", "{tmp}/x"], "q0f32"),
     (["build", "--model", "tiny", "-o", "{tmp}/x"], "--random-weights"),
     (["build", "--model", "tiny", "--random-weights", "--arch", "sm_99", "-o", "{tmp}/x"], "unknown arch"),
+    (["build", "--model", "tiny", "--random-weights", "--arch", "sm_80", "--pdl", "on", "-o", "{tmp}/x"], "sm_90"),
     (["build", "--weights", "{tmp}", "-o", "{tmp}/x"], "config"),
     (["generate", "{tmp}", "--prompt-ids", "1"], "not a shardtune model folder"),
 ])
@@ -332,6 +333,12 @@ def test_prefill_kernels_compile_for_sm90_inside_the_model(tmp_path, monkeypatch
         assert {f"embedding_embedding_n{n}_kernel", f"prefill_rope_kv_append_rope_n{n}_kernel",
                 f"prefill_attention_attention_n{n}_kernel"} <= kernels, sorted(kernels)
     assert any(k.startswith("dequantize_q4_") for k in kernels) and any("NT_matmul" in k for k in kernels)
+    # programmatic dependent launch (compiler/pdl.py): every kernel waits for the one before it
+    # first thing, and the module launches them with PDL
+    assert conf["pdl"] is True
+    starts = re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\([^)]*\) \{\n\s*(\w+)\(\);", src)
+    assert {k for k, first in starts if first == "st_pdl_wait"} == kernels, sorted(kernels - {k for k, _ in starts})
+    assert b"tirx.use_programtic_dependent_launch" in (tmp_path / "q4" / "model.so").read_bytes()
     if shutil.which("nvcc"):
         with target_of(get_arch("sm_90")):
             assert len(tvm.support.nvcc.compile_cuda(src, target_format="cubin", compiler="nvcc")) > 10_000
