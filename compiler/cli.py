@@ -54,6 +54,7 @@ def run(args) -> int:
                  quant=args.quant, arch=args.arch, shards=args.shards, db=args.db, capacity=args.capacity,
                  prefill=buckets, allreduce=args.allreduce, device=None if args.device == "any" else args.device,
                  pdl=args.pdl)
-    print(f"built {conf['model']['name']} {conf['quant']} for {conf['arch']} x{conf['shards']} "
+    pdl = ", kernels launched with PDL" if conf.get("pdl") else ""
+    print(f"built {conf['model']['name']} {conf['quant']} for {conf['arch']} x{conf['shards']}{pdl} "
           f"in {conf['built_with']['seconds']} s: {args.output}")
     return 0
