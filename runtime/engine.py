@@ -347,6 +347,7 @@ class Model:
             "roofline_fraction": weight_bytes * tok_s / (copy_gbps * 1e9),
             "gpu_memory_bytes": _memory_used(self),
             "random_weights": self.conf["random_weights"], "use_cuda_graph": self.conf.get("use_cuda_graph", False),
+            "pdl": self.conf.get("pdl", False),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 

@@ -170,6 +170,7 @@ def test_cli_generate_and_bench(built, tmp_path):
     assert res["prefill"] == "batched" and res["prefill_buckets"] == list(BUCKETS) and res["prefill_ms"] > 0
     assert 0 < res["roofline_fraction"] and res["weight_bytes_per_token"] > 0
     assert res["greedy"] == "argmax on the device, tokens read 8 at a time"
+    assert res["pdl"] is False   # a CPU build: no programmatic dependent launch
     r = shardtune("bench", model, "--gen-len", "5", "--repeat", "1", "--read-every", "1", "--json", out)
     assert r.returncode == 0 and json.loads(out.read_text())["greedy"].endswith("tokens read 1 at a time"), r.stderr
     r = shardtune("bench", model, "--gen-len", "5", "--read-every", "0")
