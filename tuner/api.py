@@ -264,14 +264,17 @@ def _command_line() -> str:
 
 
 def _warm_knobs(store, tpl, wl, arch, target, limit: int = 4) -> list[dict]:
-    """Knobs that won for the same template and arch on other shapes and shard counts."""
+    """Knobs that won for the same template and arch on other shapes and shard counts (stale
+    records too: a hint is a hint, as long as it is in today's knob space)."""
     out = []
     for rec in store.records(arch=arch, template=tpl.name):
-        if rec.workload != wl and rec.knobs not in out and tpl.check(wl, rec.knobs, target) is None:
-            try:
-                tpl.validate_knobs(rec.knobs)
-            except ValueError:
-                continue
+        if rec.workload == wl or rec.knobs in out:
+            continue
+        try:
+            tpl.validate_knobs(rec.knobs)   # before check(), which may index a knob they lack
+        except ValueError:
+            continue
+        if tpl.check(wl, rec.knobs, target) is None:
             out.append(rec.knobs)
     return out[:limit]
 
