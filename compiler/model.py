@@ -117,7 +117,7 @@ class Llama(nn.Module):
         self.embed = Weight((cfg.vocab_size, cfg.hidden_size), dt)
         self.layers = nn.ModuleList([Layer(cfg, quant, shards) for _ in range(cfg.num_hidden_layers)])
         self.norm = Weight((cfg.hidden_size,), dt)
-        self.lm_head = Linear(lm_head_rows(cfg, shards), cfg.hidden_size, "q0f32" if quant == "q0f32" else "q0f16")
+        self.lm_head = Linear(lm_head_rows(cfg, shards), cfg.hidden_size, quant)
         # each shard holds some of the head's rows: its logits are gathered after it
         self.head_gathered = shards > 1 and lm_head_split(cfg, shards)
         self.fused_residual = residual_in_gemv(quant, shards)

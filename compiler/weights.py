@@ -5,8 +5,8 @@ we. Column-parallel layers (qkv, gate_up) give each shard rows: for qkv its quer
 heads of k_proj, then of v_proj; for gate_up its slice of gate_proj, then the same slice of up_proj
 (the silu_mul GEMV reads the gate from the first half, the up from the second). Row-parallel layers
 (o, down) give each shard a slice of columns (K). The LM head gives each shard a slice of its rows
-(vocabulary) where the shards divide the vocabulary (models.lm_head_split). Embedding and norms are
-replicated.
+(vocabulary) where the shards divide the vocabulary (models.lm_head_split). q4f16_1 quantizes every
+linear layer, the LM head included (MLC-LLM's q4f16_1 does too). Embedding and norms are replicated.
 
 The safetensors format is read here directly (an 8-byte header length, a JSON header, raw
 little-endian data): bf16 has no NumPy type, so the `safetensors` package would need torch for it,
@@ -67,7 +67,7 @@ def param_specs(cfg: LlamaConfig, quant: str, shards: int) -> dict[str, tuple[tu
         linear(p + "gate_up", *lin["gate_up_proj"])
         linear(p + "down", *lin["down_proj"])
     specs["norm.weight"] = ((H,), fdt)
-    specs["lm_head.weight"] = ((lm_head_rows(cfg, shards), H), fdt)  # never quantized: the logits decide the token
+    linear("lm_head", lm_head_rows(cfg, shards), H)   # q4f16_1 quantizes it too, as MLC-LLM's does
     return specs
 
 
@@ -224,7 +224,7 @@ def shard_param(name: str, full: np.ndarray, cfg: LlamaConfig, shards: int, shar
         return _rows(np.split(full, 2), shards, shard)
     if kind in ("o", "down"):
         return _cols(full, shards, shard)
-    if name == "lm_head.weight" and lm_head_split(cfg, shards):
+    if name.startswith("lm_head.") and lm_head_split(cfg, shards):
         return _rows([full], shards, shard)
     return full  # embedding, norms (and an LM head the shards do not divide): replicated
 
@@ -313,4 +313,4 @@ def _convert(ckpt: Checkpoint, cfg: LlamaConfig, quant: str, shards: int, shard:
         yield from linear(p + "down", _cols(ckpt[hf + "mlp.down_proj.weight"], shards, shard))
     yield plain("norm.weight", ckpt["model.norm.weight"])
     head = ckpt["lm_head.weight"]
-    yield plain("lm_head.weight", _rows([head], shards, shard) if lm_head_split(cfg, shards) else head)
+    yield from linear("lm_head", _rows([head], shards, shard) if lm_head_split(cfg, shards) else head)

@@ -1,6 +1,8 @@
 """RMSNorm of a batch of hidden vectors, optionally fused with the residual add before it:
 h = x + residual (written back: the next residual), y = h / sqrt(mean(h^2) + eps) * weight.
-fp16 in and out, fp32 statistics; one thread block per batch row on GPUs."""
+fp16 in and out, fp32 statistics. CPU: a TensorIR schedule of the compute. GPU: written directly
+as TIR (one thread block per batch row, the row in registers), so that the weight's load can come
+first."""
 from __future__ import annotations
 
 import numpy as np
@@ -100,11 +102,10 @@ class RMSNorm(Template):
         raise ValueError(f"{self.name}: no valid knobs for {wl}")
 
     def schedule(self, wl, knobs, target):
-        sch = s_tir.Schedule(tvm.IRModule({"main": self.compute(wl)}))
         if target_is_gpu(target):
-            _schedule_gpu(sch, self.add, **knobs)
-        else:
-            _schedule_cpu(sch, self.add, **knobs)
+            return tvm.IRModule({"main": _gpu_func(wl["batch"], wl["H"], self.add, **knobs)})
+        sch = s_tir.Schedule(tvm.IRModule({"main": self.compute(wl)}))
+        _schedule_cpu(sch, self.add, **knobs)
         return sch.mod
 
     def inputs(self, wl, rng):
@@ -131,25 +132,88 @@ class RMSNorm(Template):
         return (B * H * (4 if not self.add else 8)) + H * 2
 
 
-def _schedule_gpu(sch, add, threads, vec):
-    """One block per row: (add,) sum of squares as a cross-thread reduction, then the scaling."""
-    if add:  # each pass adds x + residual again: the second read of a row comes from L2
-        sch.compute_inline(sch.get_sblock("add"))
-    ssq = sch.get_sblock("ssq")
-    b, k = sch.get_loops(ssq)
-    sch.bind(b, "blockIdx.x")
-    ko, tx, kv = sch.split(k, [None, threads, vec])
-    sch.reorder(tx, ko, kv)
-    sch.bind(tx, "threadIdx.x")   # in-thread partial sums, then warp shuffles across threads
-    sch.set_scope(ssq, 0, "local")  # the reduction leaves the row's sum in every thread
-    stages = []
-    for name in ("norm", "store_h") if add else ("norm",):
-        stages.append(sch.get_sblock(name))
-        sch.reverse_compute_at(stages[-1], b)
-    for stage in stages:
-        ko, tx, kv = sch.split(sch.get_loops(stage)[-1], [None, threads, vec])
-        sch.bind(tx, "threadIdx.x")
-        sch.vectorize(kv)
+def _shfl_xor(val, lane, off):
+    """`val` of lane `lane ^ off` within 32 lanes (an index shuffle: ROCm has no xor shuffle)."""
+    return T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), val, T.bitwise_xor(lane, off), 32, 32)
+
+
+def _gpu_func(B: int, H: int, add: bool, threads: int, vec: int):
+    """One block per row; thread t holds the vec-wide slices t, t + threads, ... of the row in
+    registers. Its slices of the weight are loaded first: the weight comes from DRAM (a decode step
+    streams far more than the L2 holds), the row from L2 (the kernel before just wrote it). Loaded
+    after the sum of squares, as a sum-then-scale schedule does, the weight's DRAM latency came
+    after the row's and the reduction's, on every one of a step's 65 norms."""
+    NI, NW = H // (threads * vec), threads // 32
+
+    @T.macro
+    def load_weight(w, weight, tid):
+        for i in T.unroll(NI):
+            for e in T.vectorized(vec):
+                w[i * vec + e] = weight[(i * threads + tid) * vec + e]
+
+    @T.macro
+    def scale_row(b, tid, v, w, y, part, red):
+        red[0] = T.float32(0)
+        for i in T.unroll(NI * vec):
+            red[0] += T.Cast("float32", v[i]) * T.Cast("float32", v[i])
+        for o in T.unroll(5):
+            red[0] += _shfl_xor(red[0], tid % 32, 16 >> o)
+        if tid % 32 == 0:
+            part[tid // 32] = red[0]
+        T.tvm_storage_sync("shared")
+        red[0] = T.float32(0)
+        for k in T.unroll(NW):
+            red[0] += part[k]
+        red[1] = T.rsqrt(red[0] / T.float32(H) + T.float32(EPS))
+        for i in T.unroll(NI):
+            for e in T.vectorized(vec):
+                y[b, (i * threads + tid) * vec + e] = T.Cast(
+                    "float16", T.Cast("float32", v[i * vec + e]) * red[1] * T.Cast("float32", w[i * vec + e]))
+
+    if add:
+        @T.prim_func(s_tir=True)
+        def add_rms_norm(x: T.Buffer((B, H), "float16"), residual: T.Buffer((B, H), "float16"),
+                         weight: T.Buffer((H,), "float16"), y: T.Buffer((B, H), "float16"),
+                         h: T.Buffer((B, H), "float16")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for b in T.thread_binding(B, thread="blockIdx.x"):
+                for tid in T.thread_binding(threads, thread="threadIdx.x"):
+                    with T.sblock("row"):
+                        T.reads()
+                        T.writes()
+                        w = T.sblock_alloc_buffer((NI * vec,), "float16", scope="local")
+                        v = T.sblock_alloc_buffer((NI * vec,), "float16", scope="local")
+                        red = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                        part = T.sblock_alloc_buffer((NW,), "float32", scope="shared")
+                        load_weight(w, weight, tid)
+                        for i in T.unroll(NI):
+                            for e in T.vectorized(vec):
+                                v[i * vec + e] = (x[b, (i * threads + tid) * vec + e]
+                                                  + residual[b, (i * threads + tid) * vec + e])
+                            for e in T.vectorized(vec):
+                                h[b, (i * threads + tid) * vec + e] = v[i * vec + e]
+                        scale_row(b, tid, v, w, y, part, red)
+        return add_rms_norm
+
+    @T.prim_func(s_tir=True)
+    def rms_norm(x: T.Buffer((B, H), "float16"), weight: T.Buffer((H,), "float16"),
+                 y: T.Buffer((B, H), "float16")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for b in T.thread_binding(B, thread="blockIdx.x"):
+            for tid in T.thread_binding(threads, thread="threadIdx.x"):
+                with T.sblock("row"):
+                    T.reads()
+                    T.writes()
+                    w = T.sblock_alloc_buffer((NI * vec,), "float16", scope="local")
+                    v = T.sblock_alloc_buffer((NI * vec,), "float16", scope="local")
+                    red = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                    part = T.sblock_alloc_buffer((NW,), "float32", scope="shared")
+                    load_weight(w, weight, tid)
+                    for i in T.unroll(NI):
+                        for e in T.vectorized(vec):
+                            v[i * vec + e] = x[b, (i * threads + tid) * vec + e]
+                    scale_row(b, tid, v, w, y, part, red)
+    return rms_norm
 
 
 def _schedule_cpu(sch, add, lanes):

@@ -230,6 +230,7 @@ static inline int max(int a, int b) { return a > b ? a : b; }
 static inline int min(int a, int b) { return a < b ? a : b; }
 static inline float max(float a, float b) { return fmaxf(a, b); }
 static inline float min(float a, float b) { return fminf(a, b); }
+static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 template <typename F> static void emu_launch(F kernel, unsigned gx, unsigned gy, unsigned threads) {
   for (unsigned by = 0; by < gy; ++by)
     for (unsigned bx = 0; bx < gx; ++bx) {
@@ -391,3 +392,26 @@ def test_bytes_moved_grow_with_length():
     short, long = ATTN.bytes_moved({**L70B, "length": 128}), ATTN.bytes_moved({**L70B, "length": 4096})
     assert long - short == 2 * 4 * (4096 - 128) * 128 * 2
     assert abs(long - 8 * 2 ** 20) < 2 ** 15     # 8 MiB of K and V at 4096 tokens
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm"])
+def test_norm_gpu_kernels_on_cpu_threads(tmp_path, name):
+    """The hand-written GPU norms (weight loaded first, row in registers, warp shuffles, one block
+    per row) against the NumPy reference, at three knob settings, batch 2."""
+    tpl, wl = get_template(name), {"batch": 2, "H": 1024}
+    for knobs in ({"threads": 64, "vec": 1}, {"threads": 128, "vec": 4}, {"threads": 256, "vec": 2}):
+        with SM90:
+            kernels = emulate(tvm.compile(tpl.schedule(wl, knobs, SM90), target=SM90).mod.imports[0].inspect_source(),
+                              tmp_path)
+        inputs = tpl.inputs(wl, np.random.default_rng(1))
+        names = ["x", "residual", "weight", "y", "h"] if tpl.add else ["x", "weight", "y"]
+
+        def run(n):
+            arrays = dict(zip(names, [a.copy() for a in inputs]))
+            for out in ("y", "h") if tpl.add else ("y",):
+                arrays[out][...] = np.nan
+            for kernel in kernels.values():
+                kernel(arrays, wl["batch"])
+            out = [arrays["y"], arrays["h"]] if tpl.add else [arrays["y"]]
+            return out[-n:]
+        assert tpl.relative_error(inputs, run) < tpl.tolerance, knobs

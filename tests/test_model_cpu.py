@@ -90,7 +90,7 @@ def test_q4f16_1_matches_dequantized_reference(hf_dir, built):
     ref = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
     with torch.no_grad():
         for name, p in ref.named_parameters():
-            if name.endswith("proj.weight"):
+            if name.endswith("proj.weight") or name == "lm_head.weight":
                 p.copy_(torch.from_numpy(dequantize(*quantize_q4(p.numpy()))))
     ref_ids, ref_logits = hf_greedy(ref, 16)
     ids, logits = load(str(built["q4f16_1"])).generate(PROMPT, max_new_tokens=16, return_logits=True)
@@ -143,7 +143,7 @@ def test_model_folder(built):
     sources = {k["site"]: k["source"] for k in conf["kernels"]}
     assert {"qkv", "o", "gate_up", "down", "lm_head", "rope", "attention"} <= set(sources)
     names = [p[0] for p in conf["params"]]
-    assert "layers.0.qkv.qweight" in names and "lm_head.weight" in names
+    assert "layers.0.qkv.qweight" in names and "lm_head.qweight" in names
 
 
 def shardtune(*args, **kw):

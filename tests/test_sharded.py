@@ -128,7 +128,7 @@ def test_an_eight_shard_model_builds_with_its_head_split_and_gathered(tmp_path):
     conf = shardtune.build(str(tmp_path / "tp8"), model=str(tmp_path / "config.json"), random_weights=True,
                            quant="q4f16_1", arch="sm_90", shards=8, capacity=64, prefill=())
     params = {name: shape for name, shape, _ in conf["params"]}
-    assert params["lm_head.weight"] == [2048 // 8, 1024] and conf["lm_head_split"]
+    assert params["lm_head.qweight"] == [2048 // 8, 1024 // 8] and conf["lm_head_split"]
     assert params["layers.0.qkv.qweight"] == [3 * 128, 1024 // 8]   # 1 query head and 1 KV head a shard
     fused = [k for k in conf["kernels"] if k["site"] == "allreduce_norm"]
     assert fused and fused[0]["workload"]["shards"] == 8

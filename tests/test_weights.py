@@ -87,7 +87,8 @@ def test_converted_params_match_their_specs(hf, quant, shards):
     specs = param_specs(hf.cfg, quant, shards)
     w = ".qweight" if quant == "q4f16_1" else ".weight"
     assert list(specs)[:3] == ["embed.weight", "layers.0.input_norm.weight", "layers.0.qkv" + w]
-    assert list(specs)[-2:] == ["norm.weight", "lm_head.weight"]
+    head = ["lm_head.qweight", "lm_head.qscale"] if quant == "q4f16_1" else ["lm_head.weight"]
+    assert list(specs)[-1 - len(head):] == ["norm.weight", *head]
     for shard in range(shards):
         got = list(convert(hf.root / "single", hf.cfg, quant, shards, shard))
         assert [name for name, _ in got] == list(specs)
@@ -162,12 +163,11 @@ def test_q4_quantization_is_mlc_q4f16_1():
 def test_q4_params_dequantize_to_the_weights(hf):
     ref = params(hf.root / "single", "q0f32", 2, 1)
     q4 = params(hf.root / "single", "q4f16_1", 2, 1)
-    for name in ("qkv", "o", "gate_up", "down"):
-        p = f"layers.1.{name}"
+    for p in [f"layers.1.{name}" for name in ("qkv", "o", "gate_up", "down")] + ["lm_head"]:
         scale = np.repeat(q4[p + ".qscale"].astype(np.float32), 32, axis=1)
         err = np.abs(dequantize(q4[p + ".qweight"], q4[p + ".qscale"]) - ref[p + ".weight"])
-        assert (err <= scale / 2 + 1e-6).all(), name
-    assert q4["lm_head.weight"].dtype == np.float16
+        assert (err <= scale / 2 + 1e-6).all(), p
+    assert "lm_head.weight" not in q4   # quantized like the other linear layers, as MLC-LLM's q4f16_1
 
 
 def expect_error(match, folder, cfg=None, quant="q0f32", shards=1, shard=0):
