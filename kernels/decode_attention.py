@@ -31,6 +31,7 @@ import tvm
 from tvm.script import tirx as T
 
 from . import register
+from . import attention_mma
 from .template import Template, target_is_gpu
 
 MAX_PARTS = 128
@@ -110,7 +111,103 @@ def shfl(val, lane, off):
     return T.tvm_warp_shuffle(T.uint32(FULL), val, T.bitwise_xor(lane, off), 32, 32)
 
 
-def _gpu_func(wl: dict, parts: int, threads: int, tpt: int, vec: int, unroll: int, kv_split: int):
+@T.macro
+def warp_max(x, i, lane):   # x[i] of every lane becomes the warp's maximum
+    for o in T.unroll(5):
+        x[i] = T.max(x[i], shfl(x[i], lane, 16 >> o))
+
+
+@T.macro
+def warp_sum(x, i, lane):
+    for o in T.unroll(5):
+        x[i] = x[i] + shfl(x[i], lane, 16 >> o)
+
+
+def partition_rows(parts: int, step: int):
+    """Rows per partition at run time for length L: step-aligned, at most `parts` partitions."""
+    return lambda L: T.max(step, T.ceildiv(T.ceildiv(L, parts), step) * step)
+
+
+def _merge_kernel(wl: dict, parts: int, part_size):
+    """Kernel 2, the same after either first kernel: merges each query head's partitions."""
+    Hq, D, C, dt = wl["q_heads"], wl["head_dim"], wl["capacity"], wl["dtype"]
+    CT, CE = 32 * COMBINE_WARPS, D // 32                  # threads, elements per lane
+    CV = 4 if CE % 4 == 0 else 2 if CE % 2 == 0 else 1   # fp32 elements per load (<= 16 bytes)
+
+    @T.macro
+    def merge(pos, out, part_acc, part_ml):
+        # Kernel 2: one block per query head merges its partitions (same partition arithmetic).
+        # Loops over partitions are unrolled with guards so their loads go out together.
+        for h in T.thread_binding(Hq, thread="blockIdx.x"):
+            for tid in T.thread_binding(CT, thread="threadIdx.x"):
+                with T.sblock("combine"):
+                    T.reads()
+                    T.writes()
+                    o_acc = T.sblock_alloc_buffer((CE,), "float32", scope="local")
+                    st = T.sblock_alloc_buffer((3,), "float32", scope="local")   # max, sum, weight
+                    wred = T.sblock_alloc_buffer((COMBINE_WARPS, D), "float32", scope="shared")
+                    L: T.let[T.int32] = T.min(pos[0] + 1, C)
+                    npart: T.let[T.int32] = T.ceildiv(L, part_size(L))
+                    lane: T.let[T.int32] = tid % 32
+                    w: T.let[T.int32] = tid // 32
+                    st[0] = T.float32(NEG)
+                    for k in T.unroll(-(-parts // 32)):
+                        if k * 32 + lane < npart:
+                            st[0] = T.max(st[0], part_ml[h, k * 32 + lane, 0])
+                    warp_max(st, 0, lane)
+                    st[1] = T.float32(0)
+                    for k in T.unroll(-(-parts // 32)):
+                        if k * 32 + lane < npart:
+                            st[1] += part_ml[h, k * 32 + lane, 1] * T.exp2(part_ml[h, k * 32 + lane, 0] - st[0])
+                    warp_sum(st, 1, lane)
+                    for e in T.unroll(CE):
+                        o_acc[e] = T.float32(0)
+                    for k in T.unroll(-(-parts // COMBINE_WARPS)):
+                        if k * COMBINE_WARPS + w < npart:
+                            st[2] = T.exp2(part_ml[h, k * COMBINE_WARPS + w, 0] - st[0])
+                            for e0 in T.unroll(CE // CV):
+                                for e in T.vectorized(CV):
+                                    o_acc[e0 * CV + e] += (st[2] * part_acc[h, k * COMBINE_WARPS + w,
+                                                                            lane * CE + e0 * CV + e])
+                    for e in T.unroll(CE):
+                        wred[w, lane * CE + e] = o_acc[e]
+                    T.tvm_storage_sync("shared")
+                    for dd in T.unroll(-(-D // CT)):
+                        if dd * CT + tid < D:
+                            st[2] = T.float32(0)
+                            for k in T.unroll(COMBINE_WARPS):
+                                st[2] += wred[k, dd * CT + tid]
+                            out[0, h * D + dd * CT + tid] = T.Cast(dt, st[2] / st[1])
+
+    return merge
+
+
+def _gpu_mma_func(wl: dict, parts: int, threads: int, unroll: int):
+    Hq, Hkv, D, C, dt = _dims(wl)
+    P = scratch_parts(wl)
+    part_size = partition_rows(parts, mma_step(threads, unroll))
+    partial = attention_mma.partial_kernel(wl, parts, threads, unroll, part_size)
+    merge = _merge_kernel(wl, parts, part_size)
+
+    @T.prim_func(s_tir=True)
+    def decode_attention_gpu(q: T.Buffer((1, Hq, D), dt), k_cache: T.Buffer((Hkv, C, D), dt),
+                             v_cache: T.Buffer((Hkv, C, D), dt), pos: T.Buffer((1,), I32),
+                             out: T.Buffer((1, Hq * D), dt), part_acc: T.Buffer((Hq, P, D), F32),
+                             part_ml: T.Buffer((Hq, P, 2), F32)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        partial(q, k_cache, v_cache, pos, part_acc, part_ml)
+        merge(pos, out, part_acc, part_ml)
+
+    return decode_attention_gpu
+
+
+def mma_step(threads: int, unroll: int) -> int:
+    return 16 * (threads // 32) * unroll   # 16 rows per warp and tile
+
+
+def _gpu_func(wl: dict, parts: int, threads: int, tpt: int, vec: int, unroll: int, kv_split: int, mma: int):
+    if mma:
+        return _gpu_mma_func(wl, parts, threads, unroll)
     Hq, Hkv, D, C, dt = _dims(wl)
     G, P = Hq // Hkv, scratch_parts(wl)
     GB, NTOK, NW = G // kv_split, threads // tpt, threads // 32   # query heads, rows at once, warps
@@ -119,11 +216,9 @@ def _gpu_func(wl: dict, parts: int, threads: int, tpt: int, vec: int, unroll: in
     EPL = NLD * vec                     # row elements per thread: lane c holds (j*tpt + c)*vec + e
     STEP = NTOK * unroll                # rows per iteration of a block; partitions are multiples
     SCALE = 1.0 / math.sqrt(D) * math.log2(math.e)        # scores in base 2: exp2 instead of exp
-    CT, CE = 32 * COMBINE_WARPS, D // 32                  # merge kernel: threads, elements per lane
-    CV = 4 if CE % 4 == 0 else 2 if CE % 2 == 0 else 1   # fp32 elements per load (<= 16 bytes)
 
-    def part_size(L):   # rows per partition at run time: STEP-aligned, at most `parts` partitions
-        return T.max(STEP, T.ceildiv(T.ceildiv(L, parts), STEP) * STEP)
+    part_size = partition_rows(parts, STEP)
+    merge = _merge_kernel(wl, parts, part_size)
 
     @T.macro
     def load_rows(regs, cache, kvh, first, end, r, c, zero):
@@ -136,16 +231,6 @@ def _gpu_func(wl: dict, parts: int, threads: int, tpt: int, vec: int, unroll: in
                 elif zero:
                     for e in T.vectorized(vec):
                         regs[u, j * vec + e] = T.Cast(dt, 0)
-
-    @T.macro
-    def warp_max(x, i, lane):   # x[i] of every lane becomes the warp's maximum
-        for o in T.unroll(5):
-            x[i] = T.max(x[i], shfl(x[i], lane, 16 >> o))
-
-    @T.macro
-    def warp_sum(x, i, lane):
-        for o in T.unroll(5):
-            x[i] = x[i] + shfl(x[i], lane, 16 >> o)
 
     @T.prim_func(s_tir=True)
     def decode_attention_gpu(q: T.Buffer((1, Hq, D), dt), k_cache: T.Buffer((Hkv, C, D), dt),
@@ -257,48 +342,7 @@ def _gpu_func(wl: dict, parts: int, threads: int, tpt: int, vec: int, unroll: in
                                 for k in T.unroll(NW):
                                     red[0] += wsum[k, x * threads + tid]
                                 part_acc[bh * GB + (x * threads + tid) // D, bp, (x * threads + tid) % D] = red[0]
-        # Kernel 2: one block per query head merges its partitions (same partition arithmetic).
-        # Loops over partitions are unrolled with guards so their loads go out together.
-        for h in T.thread_binding(Hq, thread="blockIdx.x"):
-            for tid in T.thread_binding(CT, thread="threadIdx.x"):
-                with T.sblock("combine"):
-                    T.reads()
-                    T.writes()
-                    o_acc = T.sblock_alloc_buffer((CE,), "float32", scope="local")
-                    st = T.sblock_alloc_buffer((3,), "float32", scope="local")   # max, sum, weight
-                    wred = T.sblock_alloc_buffer((COMBINE_WARPS, D), "float32", scope="shared")
-                    L: T.let[T.int32] = T.min(pos[0] + 1, C)
-                    npart: T.let[T.int32] = T.ceildiv(L, part_size(L))
-                    lane: T.let[T.int32] = tid % 32
-                    w: T.let[T.int32] = tid // 32
-                    st[0] = T.float32(NEG)
-                    for k in T.unroll(-(-parts // 32)):
-                        if k * 32 + lane < npart:
-                            st[0] = T.max(st[0], part_ml[h, k * 32 + lane, 0])
-                    warp_max(st, 0, lane)
-                    st[1] = T.float32(0)
-                    for k in T.unroll(-(-parts // 32)):
-                        if k * 32 + lane < npart:
-                            st[1] += part_ml[h, k * 32 + lane, 1] * T.exp2(part_ml[h, k * 32 + lane, 0] - st[0])
-                    warp_sum(st, 1, lane)
-                    for e in T.unroll(CE):
-                        o_acc[e] = T.float32(0)
-                    for k in T.unroll(-(-parts // COMBINE_WARPS)):
-                        if k * COMBINE_WARPS + w < npart:
-                            st[2] = T.exp2(part_ml[h, k * COMBINE_WARPS + w, 0] - st[0])
-                            for e0 in T.unroll(CE // CV):
-                                for e in T.vectorized(CV):
-                                    o_acc[e0 * CV + e] += (st[2] * part_acc[h, k * COMBINE_WARPS + w,
-                                                                            lane * CE + e0 * CV + e])
-                    for e in T.unroll(CE):
-                        wred[w, lane * CE + e] = o_acc[e]
-                    T.tvm_storage_sync("shared")
-                    for dd in T.unroll(-(-D // CT)):
-                        if dd * CT + tid < D:
-                            st[2] = T.float32(0)
-                            for k in T.unroll(COMBINE_WARPS):
-                                st[2] += wred[k, dd * CT + tid]
-                            out[0, h * D + dd * CT + tid] = T.Cast(dt, st[2] / st[1])
+        merge(pos, out, part_acc, part_ml)
 
     return decode_attention_gpu
 
@@ -313,6 +357,7 @@ class DecodeAttention(Template):
         "vec": [2, 4, 8],                  # cache elements per load (8 fp16 = 16-byte loads)
         "unroll": [1, 2, 4],               # rows each thread loads before using them (in flight)
         "kv_split": [1, 2, 4, 8],          # blocks sharing a KV head's query heads (1: K/V read once)
+        "mma": [0, 1],                     # 1: kernel 1 on tensor cores (attention_mma.py; fp16, sm_80+)
     }
     cpu_knobs = {
         "tile": [1, 8, 32],                # scores computed per online-softmax rescale
@@ -343,6 +388,8 @@ class DecodeAttention(Template):
             return "the merge kernel needs head_dim a multiple of 32"
         if G % knobs["kv_split"]:
             return "kv_split must divide the query heads per KV head"
+        if knobs["mma"]:
+            return self._check_mma(wl, knobs, target)
         step = threads // tpt * knobs["unroll"]
         if knobs["parts"] > scratch_parts(wl) or (knobs["parts"] > 1 and (knobs["parts"] - 1) * step >= C):
             return "more partitions than the scratch holds or the capacity can fill"
@@ -355,6 +402,25 @@ class DecodeAttention(Template):
             return f"{smem} bytes of shared memory"
         if threads > int(target.attrs.get("max_threads_per_block", 1024)):
             return "too many threads"
+        return None
+
+    def _check_mma(self, wl, knobs, target):
+        Hq, Hkv, D, C, dt = _dims(wl)
+        G, threads, unroll = Hq // Hkv, knobs["threads"], knobs["unroll"]
+        arch = str(target.attrs.get("arch", ""))
+        if target.kind.name != "cuda" or not arch.startswith("sm_") or int(arch[3:].rstrip("a")) < 80:
+            return "mma=1 needs a CUDA target of sm_80 or newer"
+        if dt != "float16" or D % 32 or G > 8:
+            return "mma=1 needs float16, head_dim a multiple of 32 and at most 8 query heads per KV head"
+        if (knobs["tpt"], knobs["vec"], knobs["kv_split"]) != (4, 8, 1):
+            return "mma=1 maps threads itself: tpt=4, vec=8, kv_split=1 stand for it"
+        if knobs["parts"] > scratch_parts(wl) or (knobs["parts"] > 1 and (knobs["parts"] - 1) * mma_step(threads, unroll) >= C):
+            return "more partitions than the scratch holds or the capacity can fill"
+        if attention_mma.registers(D, unroll) > 200:
+            return "too many values per thread for registers"
+        smem = attention_mma.shared_bytes(G, D, threads // 32)
+        if smem > int(target.attrs.get("max_shared_memory_per_block", 49152)):
+            return f"{smem} bytes of shared memory"
         return None
 
     def default_knobs(self, wl, target):
@@ -373,10 +439,17 @@ class DecodeAttention(Template):
                     for p in parts:
                         for threads, unroll in ((128, 2), (256, 1), (64, 4), (128, 1), (64, 2), (64, 1)):
                             knobs = {"parts": p, "threads": threads, "tpt": tpt, "vec": vec,
-                                     "unroll": unroll, "kv_split": kv_split}
+                                     "unroll": unroll, "kv_split": kv_split, "mma": 0}
                             if self.check(wl, knobs, target) is None:
                                 return knobs
         raise ValueError(f"{self.name}: no valid knobs for {wl}")
+
+    def seed_knobs(self, wl, target):
+        """Tensor-core settings for the search to measure first: TPE alone would seldom draw
+        mma=1 together with the one tpt/vec/kv_split that stand for it."""
+        seeds = [{"parts": p, "threads": t, "tpt": 4, "vec": 8, "unroll": u, "kv_split": 1, "mma": 1}
+                 for t, u in ((128, 1), (256, 1), (128, 2)) for p in (16, 32, 64)]
+        return [k for k in seeds if target_is_gpu(target) and self.check(wl, k, target) is None]
 
     def schedule(self, wl, knobs, target):
         if target_is_gpu(target):

@@ -209,6 +209,7 @@ EMULATOR = r"""
 #define __launch_bounds__(n)
 #include <vector_types.h>
 #include <vector_functions.h>
+#include <cuda_fp16.h>
 struct emu_dim { unsigned x, y, z; };
 thread_local emu_dim threadIdx, blockIdx;
 static std::barrier<>* emu_block;
@@ -225,6 +226,29 @@ template <typename T> static T __shfl_sync(unsigned, T v, int src, int width) {
   emu_warps[w]->arrive_and_wait();
   std::memcpy(&v, &bits, sizeof(T));
   return v;
+}
+// mma.m16n8k16 (attention_mma.py) for one warp: every lane leaves its fragments, each takes its d.
+#define SHARDTUNE_EMULATED_MMA
+static float emu_frag[1024][12];
+static int st_mma_16816(float* d, half a0, half a1, half a2, half a3, half a4, half a5, half a6, half a7,
+                        half b0, half b1, half b2, half b3) {
+  unsigned tid = threadIdx.x, lane = tid % 32, w = tid / 32;
+  half in[12] = {a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3};
+  for (int i = 0; i < 12; ++i) emu_frag[tid][i] = __half2float(in[i]);
+  emu_warps[w]->arrive_and_wait();
+  auto A = [&](int m, int k) {  // a0,a1: row grp, cols 2t,2t+1; a2,a3: row +8; a4..a7: cols +8
+    return emu_frag[w * 32 + 4 * (m % 8) + (k % 8) / 2][(k / 8) * 4 + (m / 8) * 2 + k % 2];
+  };
+  auto B = [&](int k, int n) { return emu_frag[w * 32 + 4 * n + (k % 8) / 2][8 + (k / 8) * 2 + k % 2]; };
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    int m = lane / 4 + 8 * (i / 2), n = 2 * (lane % 4) + i % 2;
+    out[i] = 0;
+    for (int k = 0; k < 16; ++k) out[i] += A(m, k) * B(k, n);
+  }
+  emu_warps[w]->arrive_and_wait();
+  for (int i = 0; i < 4; ++i) d[i] += out[i];
+  return 0;
 }
 static inline int max(int a, int b) { return a > b ? a : b; }
 static inline int min(int a, int b) { return a < b ? a : b; }
@@ -283,12 +307,18 @@ def emulate(src, tmp_path):
     return {name: launcher(name) for name in sorted(params)}
 
 
+MMA = {"mma": 1, "tpt": 4, "vec": 8, "kv_split": 1}   # tensor-core kernel 1 (attention_mma.py)
+
+
 @pytest.mark.parametrize("wl,knobs", [
     ({**TINY, "length": 100}, None),
     ({**heads(16, 2, 128, 256, "float16"), "length": 200}, {"parts": 8, "threads": 128, "tpt": 16, "vec": 8,
-                                                             "unroll": 2, "kv_split": 2}),
-    ({**GQA, "length": 1}, {"parts": 16, "threads": 64, "tpt": 8, "vec": 4, "unroll": 1, "kv_split": 2}),
-], ids=["tiny-default", "gqa-split", "fp32-length1"])
+                                                             "unroll": 2, "kv_split": 2, "mma": 0}),
+    ({**GQA, "length": 1}, {"parts": 16, "threads": 64, "tpt": 8, "vec": 4, "unroll": 1, "kv_split": 2, "mma": 0}),
+    ({**heads(32, 4, 128, 512, "float16"), "length": 300}, MMA | {"parts": 4, "threads": 64, "unroll": 2}),
+    ({**heads(8, 2, 128, 256, "float16"), "length": 37}, MMA | {"parts": 4, "threads": 128, "unroll": 1}),
+    ({**TINY, "length": 100}, MMA | {"parts": 2, "threads": 64, "unroll": 1}),
+], ids=["tiny-default", "gqa-split", "fp32-length1", "mma-70b", "mma-g4-short", "mma-tiny"])
 def test_attention_gpu_kernels_on_cpu_threads(wl, knobs, tmp_path):
     """The CUDA C of both kernels, run as GPU threads on the CPU; rows past pos hold NaN."""
     knobs = knobs or ATTN.default_knobs(wl, SM90)
@@ -343,7 +373,7 @@ def test_knob_validation():
         ATTN.validate_knobs({**ATTN.default_knobs(wl, SM90), "tpt": 3})
     with pytest.raises(KnobError, match="missing"):
         ROPE.validate_knobs({"vec": 8})
-    good = {"parts": 64, "threads": 128, "tpt": 16, "vec": 8, "unroll": 2, "kv_split": 1}
+    good = {"parts": 64, "threads": 128, "tpt": 16, "vec": 8, "unroll": 2, "kv_split": 1, "mma": 0}
     assert ATTN.check(wl, good, SM90) is None
     assert "16 bytes" in ATTN.check({**wl, "dtype": "float32"}, good, SM90)
     assert "divide head_dim" in ATTN.check(wl, {**good, "tpt": 32}, SM90)
@@ -351,6 +381,13 @@ def test_knob_validation():
     assert "partitions" in ATTN.check({**wl, "capacity": 512}, {**good, "parts": 128}, SM90)
     assert "registers" in ATTN.check(wl, {**good, "tpt": 4, "vec": 8}, SM90)
     assert "16 bytes" in ROPE.check({**GQA, "theta": 1e4}, {"vec": 8, "heads_per_block": 1}, SM90)
+    # the tensor-core kernel: fp16 on sm_80+, at most 8 query heads per KV head, one thread mapping
+    mma = {**good, **MMA, "parts": 16}
+    assert ATTN.check(wl, mma, SM90) is None
+    assert "sm_80" in ATTN.check(wl, mma, tvm.target.Target({"kind": "cuda", "arch": "sm_75"}))
+    assert "at most 8" in ATTN.check(heads(64, 4, 128, 4096, "float16", length=1), mma, SM90)
+    assert "stand for it" in ATTN.check(wl, {**mma, "tpt": 8}, SM90)
+    assert "registers" in ATTN.check(wl, {**mma, "unroll": 4}, SM90)
 
 
 @pytest.mark.parametrize("arch", ["cpu", "sm_90", "gfx1100"])

@@ -253,9 +253,10 @@ def test_missing_only_tunes_just_the_kernels_without_a_record(tmp_path):
     assert _without_records(wanted, TuningDB.open_existing(db), rec.arch, 2, "another CPU", io.StringIO()) == wanted
 
 
-def test_warm_start_skips_knobs_of_an_older_knob_space(tmp_path, monkeypatch):
-    """Records are warm-start hints even when stale, but not with knobs outside today's space: a
-    template that gained a knob may index it in check() (this crashed a tune once)."""
+def test_warm_start_from_records_of_an_older_knob_space(tmp_path, monkeypatch):
+    """Records are warm-start hints even when stale, the workload's own first. A knob the template
+    gained since takes its first value (check() may index it: a missing one crashed a tune once);
+    knobs outside today's space are dropped."""
     from shardtune.database import Record
     from shardtune.database.checks import installed_tvm_version
     from shardtune.tuner.api import _warm_knobs
@@ -265,11 +266,20 @@ def test_warm_start_skips_knobs_of_an_older_knob_space(tmp_path, monkeypatch):
     wl = {"batch": 1, "N": 256, "K": 512, "quant": "q4f16_1"}
     knobs = tpl.default_knobs(wl, cpu)
     db = TuningDB(tmp_path / "t.db")
-    db.add(Record(template=tpl.name, template_hash=tpl.source_hash, workload=wl, arch="cpu", shards=1,
-                  device="cpu", compute_units=2, knobs=knobs, latency_us=10.0, latency_spread_us=0.1, runs=10,
-                  bandwidth_gbps=1.0, max_rel_error=1e-4, tvm_version=installed_tvm_version()))
+
+    def add(wl, knobs):
+        db.add(Record(template=tpl.name, template_hash=tpl.source_hash, workload=wl, arch="cpu", shards=1,
+                      device="cpu", compute_units=2, knobs=knobs, latency_us=10.0, latency_spread_us=0.1,
+                      runs=10, bandwidth_gbps=1.0, max_rel_error=1e-4, tvm_version=installed_tvm_version()))
+    add(wl, knobs)
     other = {**wl, "N": 512}
     assert _warm_knobs(db, tpl, other, "cpu", cpu) == [knobs]
-    monkeypatch.setattr(tpl, "cpu_knobs", {**tpl.cpu_knobs, "split": [1, 2]})
-    monkeypatch.setattr(tpl, "check", lambda wl, knobs, target: None if knobs["split"] else "no split")
+    second = {**knobs, list(knobs)[0]: tpl.cpu_knobs[list(knobs)[0]][-1]}
+    if second != knobs:
+        add(other, second)
+        assert _warm_knobs(db, tpl, other, "cpu", cpu) == [second, knobs]   # its own workload's first
+    monkeypatch.setattr(tpl, "cpu_knobs", {**tpl.cpu_knobs, "split": [0, 2]})
+    monkeypatch.setattr(tpl, "check", lambda wl, knobs, target: None if knobs["split"] == 0 else "no split")
+    assert {"split": 0, **knobs} in _warm_knobs(db, tpl, other, "cpu", cpu)
+    monkeypatch.setattr(tpl, "cpu_knobs", {k: v for k, v in tpl.cpu_knobs.items() if k != list(knobs)[0]})
     assert _warm_knobs(db, tpl, other, "cpu", cpu) == []

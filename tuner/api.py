@@ -264,18 +264,21 @@ def _command_line() -> str:
 
 
 def _warm_knobs(store, tpl, wl, arch, target, limit: int = 4) -> list[dict]:
-    """Knobs that won for the same template and arch on other shapes and shard counts (stale
-    records too: a hint is a hint, as long as it is in today's knob space)."""
+    """Knobs that won for the same template and arch, this workload's first (stale records too:
+    a hint is a hint). A knob added to the template since takes its first listed value, which is
+    the schedule as it was before the knob existed; knobs outside today's space are dropped."""
+    space = tpl.space_for(target)
     out = []
-    for rec in store.records(arch=arch, template=tpl.name):
-        if rec.workload == wl or rec.knobs in out:
+    for rec in sorted(store.records(arch=arch, template=tpl.name), key=lambda r: r.workload != wl):
+        knobs = {k: rec.knobs.get(k, values[0]) for k, values in space.items()}
+        if knobs in out or set(rec.knobs) - set(space):
             continue
         try:
-            tpl.validate_knobs(rec.knobs)   # before check(), which may index a knob they lack
+            tpl.validate_knobs(knobs)   # before check(), which may index any knob
         except ValueError:
             continue
-        if tpl.check(wl, rec.knobs, target) is None:
-            out.append(rec.knobs)
+        if tpl.check(wl, knobs, target) is None:
+            out.append(knobs)
     return out[:limit]
 
 

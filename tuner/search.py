@@ -140,7 +140,9 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
            proposals: int = 16) -> SearchResult:
     space = tpl.space_for(target)
     dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()}
-    for knobs in [tpl.default_knobs(wl, target), *warm_knobs]:
+    # Templates may name settings worth measuring early (seed_knobs), beside the warm start.
+    seeds = getattr(tpl, "seed_knobs", lambda wl, target: [])(wl, target)
+    for knobs in [tpl.default_knobs(wl, target), *warm_knobs, *seeds]:
         if tpl.check(wl, knobs, target) is None:
             study.enqueue_trial(knobs, skip_if_exists=True)
 
