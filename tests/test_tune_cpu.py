@@ -275,9 +275,9 @@ def test_warm_start_from_records_of_an_older_knob_space(tmp_path, monkeypatch):
     other = {**wl, "N": 512}
     assert _warm_knobs(db, tpl, other, "cpu", cpu) == [knobs]
     second = {**knobs, list(knobs)[0]: tpl.cpu_knobs[list(knobs)[0]][-1]}
-    if second != knobs:
-        add(other, second)
-        assert _warm_knobs(db, tpl, other, "cpu", cpu) == [second, knobs]   # its own workload's first
+    assert second != knobs
+    add(other, second)
+    assert _warm_knobs(db, tpl, other, "cpu", cpu) == [second, knobs]   # its own workload's first
     monkeypatch.setattr(tpl, "cpu_knobs", {**tpl.cpu_knobs, "split": [0, 2]})
     monkeypatch.setattr(tpl, "check", lambda wl, knobs, target: None if knobs["split"] == 0 else "no split")
     assert {"split": 0, **knobs} in _warm_knobs(db, tpl, other, "cpu", cpu)

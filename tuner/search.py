@@ -135,14 +135,18 @@ def _tell(study: optuna.Study, trial, value=None, state=None, **attrs) -> None:
 LATE_ROUND = 2   # candidates built for a kernel whose share of the time budget is already spent
 
 
+def seed_knobs(tpl, wl: dict, target) -> list[dict]:
+    """Settings a template names as worth measuring early (its optional `seed_knobs`), beside
+    the default and the warm start: ones a random draw would seldom hit."""
+    return getattr(tpl, "seed_knobs", lambda wl, target: [])(wl, target)
+
+
 def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int, deadline: float,
            warm_knobs: list[dict], seed: int, on_trial=lambda: None, builds_per_round: int = 4,
            proposals: int = 16) -> SearchResult:
     space = tpl.space_for(target)
     dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()}
-    # Templates may name settings worth measuring early (seed_knobs), beside the warm start.
-    seeds = getattr(tpl, "seed_knobs", lambda wl, target: [])(wl, target)
-    for knobs in [tpl.default_knobs(wl, target), *warm_knobs, *seeds]:
+    for knobs in [tpl.default_knobs(wl, target), *warm_knobs, *seed_knobs(tpl, wl, target)]:
         if tpl.check(wl, knobs, target) is None:
             study.enqueue_trial(knobs, skip_if_exists=True)
 

@@ -8,6 +8,7 @@ import shardtune
 from shardtune.database import TuningDB
 from shardtune.kernels import all_templates, get_template
 from shardtune.tuner.measure import Bench
+from shardtune.tuner.search import seed_knobs
 from shardtune.tuner.targets import get_arch, local_gpu_arch
 from shardtune.tuner.workloads import kernel_instances
 
@@ -39,8 +40,7 @@ def test_candidates_match_reference_and_stay_under_copy_bandwidth(name):
         rng = np.random.default_rng(0)
         for wl in _workloads(tpl):
             base = [None] if tpl.dlight_baseline else []
-            # seed_knobs: decode attention's tensor-core settings, which random draws seldom hit
-            seeds = getattr(tpl, "seed_knobs", lambda wl, target: [])(wl, target)[:2]
+            seeds = seed_knobs(tpl, wl, target)[:2]   # decode attention's tensor-core settings
             cands = [*base, *tpl.sample_knobs(wl, target, rng, 5, first=[tpl.default_knobs(wl, target), *seeds])]
             assert len(cands) >= len(base) + 2   # small spaces (norms at H=1024) hold fewer
             for (path, err), knobs in zip(bench.build_many(tpl.name, wl, cands), cands):
