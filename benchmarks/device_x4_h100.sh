@@ -14,7 +14,8 @@
 #            $JOBS1; one GPU: one chain of it all) on databases seeded with the reference and .device/seed/*.jsonl: every kernel of
 #            the shipped models at 1, 2 and 4 shards (the fused all-reduce too) without a record from
 #            this GPU model yet, 7-10 s of search each; a chain starts no tune after $DEADLINE s
-#            (500), and exports its database after each
+#            (500), and exports its database after each; MISSING= (empty) retunes kernels that
+#            have records too (warm start from them)
 # Usage: bash benchmarks/device_x4_h100.sh scaling|compare|tests|profile|tp2|records
 # A call brings back at most 8 files: each phase's results go into $OUT/<phase>.tgz, logs beside it.
 source benchmarks/device_env.sh || exit 3
@@ -77,7 +78,7 @@ records)   # one GPU: one chain of every job, most-used models first; run it aga
       [ $SECONDS -lt ${DEADLINE:-500} ] || break
       IFS=: read m s t <<< "$job"
       CUDA_VISIBLE_DEVICES=$g timeout $((t + 90)) python3 -m shardtune tune --arch sm_90 --model $m --shards $s --builders 15 \
-        --kernels ${KERNELS:-gemv,norm,attention,allreduce} --time-budget $t --missing-only --db $db --no-progress >> $R/chain$g.log 2>&1
+        --kernels ${KERNELS:-gemv,norm,attention,allreduce} --time-budget $t ${MISSING---missing-only} --db $db --no-progress >> $R/chain$g.log 2>&1
       echo "   $m x$s rc=$? at $SECONDS s" >> $R/chain$g.log
       python3 -m shardtune db export $db -o $R/chain$g.jsonl > /dev/null 2>&1
     done

@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 
+import graph_timing   # beside this script
+
 PREFETCH = r"""
 extern "C" __global__ void prefetch_l2(const char* p, unsigned long long bytes) {
   const unsigned long long chunk = 1ull << 16;
@@ -47,24 +49,8 @@ def main() -> int:
     out = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.UTC).isoformat(),
            "command": " ".join(["benchmarks/l2_prefetch_probe.py"] + sys.argv[1:]), "rows": []}
 
-    def graph_us(body, copies: int, reps: int = 15) -> float:
-        with torch.cuda.stream(stream):
-            for i in range(copies):
-                body(i)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=stream):
-            for i in range(copies * 4):
-                body(i % copies)
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) * 1e3 / (copies * 4))
-        return float(np.median(times))
+    def graph_us(body, copies: int) -> float:
+        return graph_timing.graph_us(body, copies, stream, rounds=4)
 
     for rows, idle_us in ((4096, 0.0), (4096, 4.0), (4096, 8.0), (8192, 8.0), (12288, 8.0)):
         k = 1024                                      # fp16 rows x 1024: 8, 16, 24 MB

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .records import canonical
@@ -82,6 +83,16 @@ def add_db_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", default="1,2,4", help="comma-separated shard counts (default 1,2,4)")
     p.add_argument("--kernels", default="gemv,norm,attention,allreduce", help="kernel kinds (default: all)")
     p.add_argument("--quant", default="q4f16_1", choices=["q4f16_1", "q0f16"])
+
+    p = command("refresh", cmd_refresh, "keep records across template edits that left their kernel unchanged",
+                "Rebuild every record that only a template edit made stale (knobs added since at their "
+                "first value) and compare the generated code with the hash the record stored. Where it is "
+                "the same, store a copy under the current template version (extra.refreshed_from); the "
+                "old record stays. The rest stay stale and need a retune. Builds without a GPU.")
+    p.add_argument("db", nargs="?", metavar="DB", help=DB_HELP)
+    p.add_argument("--arch", help="only records for this arch")
+    p.add_argument("--builders", type=int, help="parallel build processes (default: one per CPU)")
+    p.add_argument("--no-progress", action="store_true")
 
     p = command("stats", cmd_stats, "counts per template/arch/shards, file size, schema version")
     p.add_argument("db", nargs="?", metavar="DB", help=DB_HELP)
@@ -186,6 +197,28 @@ def cmd_validate(args) -> int:
         rows = [(s.record.template, canonical(s.record.workload), s.record.arch, s.record.shards,
                  s.record.created_at, s.reason) for s in stale]
         print(_table(rows, ["template", "workload", "arch", "shards", "created", "why stale"]))
+    return 0
+
+
+def cmd_refresh(args) -> int:
+    from ..tuner.refresh import refresh, summary
+    from ..tuner.targets import get_arch
+
+    if args.arch:
+        get_arch(args.arch)   # an unknown arch: one line naming the known ones
+    TuningDB.open_existing(args.db).close()   # a missing or unusable file: one line, nothing created
+    with TuningDB(args.db) as db:
+        outcomes = refresh(db, arch=args.arch, builders=args.builders, progress=not args.no_progress)
+        path = db.path
+    if not outcomes:
+        print(f"{path}: no stale records left to refresh")
+        return 0
+    print(_table(summary(outcomes), ["template", "arch", "refreshed", "code changed", "other"]))
+    others = Counter(o.note for o in outcomes if o.verdict in ("not refreshable", "build failed"))
+    for note, n in others.most_common(5):
+        print(f"  {n} not refreshed: {note}")
+    n = sum(o.verdict == "refreshed" for o in outcomes)
+    print(f"{path}: {n} of {len(outcomes)} stale records refreshed")
     return 0
 
 

@@ -183,11 +183,16 @@ def _merge_kernel(wl: dict, parts: int, part_size):
 
 
 def _gpu_mma_func(wl: dict, parts: int, threads: int, unroll: int):
-    Hq, Hkv, D, C, dt = _dims(wl)
-    P = scratch_parts(wl)
     part_size = partition_rows(parts, mma_step(threads, unroll))
     partial = attention_mma.partial_kernel(wl, parts, threads, unroll, part_size)
-    merge = _merge_kernel(wl, parts, part_size)
+    return _two_kernels(wl, partial, _merge_kernel(wl, parts, part_size))
+
+
+def _two_kernels(wl: dict, partial, merge):
+    """The GPU function: kernel 1 (`partial`, a T.macro) writes each partition's softmax state
+    to the scratch, kernel 2 (`merge`) combines the partitions."""
+    Hq, Hkv, D, C, dt = _dims(wl)
+    P = scratch_parts(wl)
 
     @T.prim_func(s_tir=True)
     def decode_attention_gpu(q: T.Buffer((1, Hq, D), dt), k_cache: T.Buffer((Hkv, C, D), dt),
@@ -209,7 +214,7 @@ def _gpu_func(wl: dict, parts: int, threads: int, tpt: int, vec: int, unroll: in
     if mma:
         return _gpu_mma_func(wl, parts, threads, unroll)
     Hq, Hkv, D, C, dt = _dims(wl)
-    G, P = Hq // Hkv, scratch_parts(wl)
+    G = Hq // Hkv
     GB, NTOK, NW = G // kv_split, threads // tpt, threads // 32   # query heads, rows at once, warps
     GW = -(-GB // NW)                   # query heads per warp in the softmax step
     NLD = D // (tpt * vec)              # loads per K/V row per thread
@@ -232,12 +237,8 @@ def _gpu_func(wl: dict, parts: int, threads: int, tpt: int, vec: int, unroll: in
                     for e in T.vectorized(vec):
                         regs[u, j * vec + e] = T.Cast(dt, 0)
 
-    @T.prim_func(s_tir=True)
-    def decode_attention_gpu(q: T.Buffer((1, Hq, D), dt), k_cache: T.Buffer((Hkv, C, D), dt),
-                             v_cache: T.Buffer((Hkv, C, D), dt), pos: T.Buffer((1,), I32),
-                             out: T.Buffer((1, Hq * D), dt), part_acc: T.Buffer((Hq, P, D), F32),
-                             part_ml: T.Buffer((Hq, P, 2), F32)):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+    @T.macro
+    def partial(q, k_cache, v_cache, pos, part_acc, part_ml):
         # Kernel 1: block (partition bp, query-head group bh of KV head bh // kv_split) runs an
         # online softmax over its rows, STEP at a time; K and V rows of a step load together.
         for bp in T.thread_binding(parts, thread="blockIdx.x"):
@@ -342,9 +343,17 @@ def _gpu_func(wl: dict, parts: int, threads: int, tpt: int, vec: int, unroll: in
                                 for k in T.unroll(NW):
                                     red[0] += wsum[k, x * threads + tid]
                                 part_acc[bh * GB + (x * threads + tid) // D, bp, (x * threads + tid) % D] = red[0]
-        merge(pos, out, part_acc, part_ml)
 
-    return decode_attention_gpu
+    return _two_kernels(wl, partial, merge)
+
+
+def _check_fits(wl: dict, parts: int, step: int, smem: int, target) -> str | None:
+    """Partitions of `step` rows that the scratch holds and the capacity fills; shared memory."""
+    if parts > scratch_parts(wl) or (parts > 1 and (parts - 1) * step >= wl["capacity"]):
+        return "more partitions than the scratch holds or the capacity can fill"
+    if smem > int(target.attrs.get("max_shared_memory_per_block", 49152)):
+        return f"{smem} bytes of shared memory"
+    return None
 
 
 @register
@@ -391,18 +400,13 @@ class DecodeAttention(Template):
         if knobs["mma"]:
             return self._check_mma(wl, knobs, target)
         step = threads // tpt * knobs["unroll"]
-        if knobs["parts"] > scratch_parts(wl) or (knobs["parts"] > 1 and (knobs["parts"] - 1) * step >= C):
-            return "more partitions than the scratch holds or the capacity can fill"
         GB, EPL = G // knobs["kv_split"], D // tpt
         # q and the accumulators (fp32), K and V rows, scores: ptxas gave ~200 registers at 192 here
         if 2 * GB * EPL + knobs["unroll"] * (EPL * itemsize // 2 + GB) > 192:
             return "too many values per thread for registers"
-        smem = 4 * (2 * GB * step + GB + threads // 32 * GB * D)
-        if smem > int(target.attrs.get("max_shared_memory_per_block", 49152)):
-            return f"{smem} bytes of shared memory"
         if threads > int(target.attrs.get("max_threads_per_block", 1024)):
             return "too many threads"
-        return None
+        return _check_fits(wl, knobs["parts"], step, 4 * (2 * GB * step + GB + threads // 32 * GB * D), target)
 
     def _check_mma(self, wl, knobs, target):
         Hq, Hkv, D, C, dt = _dims(wl)
@@ -414,14 +418,10 @@ class DecodeAttention(Template):
             return "mma=1 needs float16, head_dim a multiple of 32 and at most 8 query heads per KV head"
         if (knobs["tpt"], knobs["vec"], knobs["kv_split"]) != (4, 8, 1):
             return "mma=1 maps threads itself: tpt=4, vec=8, kv_split=1 stand for it"
-        if knobs["parts"] > scratch_parts(wl) or (knobs["parts"] > 1 and (knobs["parts"] - 1) * mma_step(threads, unroll) >= C):
-            return "more partitions than the scratch holds or the capacity can fill"
         if attention_mma.registers(D, unroll) > 200:
             return "too many values per thread for registers"
-        smem = attention_mma.shared_bytes(G, D, threads // 32)
-        if smem > int(target.attrs.get("max_shared_memory_per_block", 49152)):
-            return f"{smem} bytes of shared memory"
-        return None
+        return _check_fits(wl, knobs["parts"], mma_step(threads, unroll),
+                           attention_mma.shared_bytes(G, D, threads // 32), target)
 
     def default_knobs(self, wl, target):
         if not target_is_gpu(target):

@@ -16,10 +16,20 @@ CPU_KNOBS = {
 }
 
 
+#: Whether the K loop of a thread is a loop or unrolled, so that every step's loads can be issued
+#: before the first step's math: a block then waits for memory once, not once per step. A pure read
+#: of 19 MB reaches 87% of copy on an H100, our GEMVs of that size 70%
+#: (benchmarks/results/2026-11-27-read-speed-of-light/). Unrolled won by 2-7% where rows of 4096-8192
+#: outputs take 4-8 steps (the 7B down and o GEMVs, several gate/up), lost by up to 11% elsewhere
+#: (2026-11-27-gemv-k-loop/). First value: the schedule as it was, so old records keep (`db refresh`).
+K_LOOPS = ["serial", "unrolled"]
+MAX_UNROLLED_STEPS = 8   # code size and registers
+
+
 def default_gpu_knobs(tpl, wl: dict, target, vecs: tuple, txs: tuple, **fixed) -> dict:
     """The widest loads and rows the shape allows: a sensible untuned choice."""
     for vec, tx, rows in itertools.product(vecs, txs, (4, 8, 16, 2, 1)):
-        knobs = {"rows": rows, "tx": tx, "vec": vec, "unroll": 1, "x_scope": "global", **fixed}
+        knobs = {"rows": rows, "tx": tx, "vec": vec, "unroll": 1, "x_scope": "global", "k_loop": "serial", **fixed}
         if tpl.check(wl, knobs, target) is None:
             return knobs
     raise ValueError(f"{tpl.name}: no valid knobs for {wl}")
@@ -43,6 +53,8 @@ def check_gpu(knobs: dict, out_rows: int, row_loads: int, batch: int, K: int, lo
         return f"tx * vec * unroll must fit {load_unit} at least twice"
     if knobs["x_scope"] == "shared" and batch * K * 2 > 48 * 1024:
         return "activation does not fit 48 KB of shared memory"
+    if knobs["k_loop"] == "unrolled" and -(-row_loads // step) > MAX_UNROLLED_STEPS:
+        return f"more than {MAX_UNROLLED_STEPS} steps of K to unroll"
     return None
 
 
@@ -53,9 +65,9 @@ def check_cpu(knobs: dict, out_rows: int, K: int) -> str | None:
 
 
 def schedule_gemv_gpu(sch, weight: str, rows: int, tx: int, vec: int, unroll: int, x_scope: str,
-                      per_step: int) -> None:
+                      per_step: int, k_loop: str = "serial") -> None:
     """Threads (tx) along K, `rows` output rows per block; `vec` weight elements of the
-    buffer `weight` per load; `per_step` reduction steps per loaded element."""
+    buffer `weight` per load; `per_step` reduction steps per loaded element; `k_loop` (K_LOOPS)."""
     gemv = sch.get_sblock("gemv")
     b, i, *pair, k = sch.get_loops(gemv)
     bx, ty = sch.split(i, [None, rows])
@@ -74,6 +86,8 @@ def schedule_gemv_gpu(sch, weight: str, rows: int, tx: int, vec: int, unroll: in
     for loop in (ku, ke, *inner):
         # Unrolled: partial sums indexed by constants stay in registers, not local memory.
         sch.unroll(loop)
+    if k_loop == "unrolled":
+        sch.unroll(ko)
     sch.set_scope(rf, 0, "local")
 
     names = [r.source.name for r in sch.get(rf).reads]

@@ -170,35 +170,9 @@ def _gpu_func(B: int, H: int, add: bool, threads: int, vec: int):
                 y[b, (i * threads + tid) * vec + e] = T.Cast(
                     "float16", T.Cast("float32", v[i * vec + e]) * red[1] * T.Cast("float32", w[i * vec + e]))
 
-    if add:
-        @T.prim_func(s_tir=True)
-        def add_rms_norm(x: T.Buffer((B, H), "float16"), residual: T.Buffer((B, H), "float16"),
-                         weight: T.Buffer((H,), "float16"), y: T.Buffer((B, H), "float16"),
-                         h: T.Buffer((B, H), "float16")):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            for b in T.thread_binding(B, thread="blockIdx.x"):
-                for tid in T.thread_binding(threads, thread="threadIdx.x"):
-                    with T.sblock("row"):
-                        T.reads()
-                        T.writes()
-                        w = T.sblock_alloc_buffer((NI * vec,), "float16", scope="local")
-                        v = T.sblock_alloc_buffer((NI * vec,), "float16", scope="local")
-                        red = T.sblock_alloc_buffer((2,), "float32", scope="local")
-                        part = T.sblock_alloc_buffer((NW,), "float32", scope="shared")
-                        load_weight(w, weight, tid)
-                        for i in T.unroll(NI):
-                            for e in T.vectorized(vec):
-                                v[i * vec + e] = (x[b, (i * threads + tid) * vec + e]
-                                                  + residual[b, (i * threads + tid) * vec + e])
-                            for e in T.vectorized(vec):
-                                h[b, (i * threads + tid) * vec + e] = v[i * vec + e]
-                        scale_row(b, tid, v, w, y, part, red)
-        return add_rms_norm
-
-    @T.prim_func(s_tir=True)
-    def rms_norm(x: T.Buffer((B, H), "float16"), weight: T.Buffer((H,), "float16"),
-                 y: T.Buffer((B, H), "float16")):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+    @T.macro
+    def norm_rows(x, residual, h, weight, y):
+        # One block per row; with `add` (fixed when the function is made), h = x + residual first.
         for b in T.thread_binding(B, thread="blockIdx.x"):
             for tid in T.thread_binding(threads, thread="threadIdx.x"):
                 with T.sblock("row"):
@@ -210,9 +184,31 @@ def _gpu_func(B: int, H: int, add: bool, threads: int, vec: int):
                     part = T.sblock_alloc_buffer((NW,), "float32", scope="shared")
                     load_weight(w, weight, tid)
                     for i in T.unroll(NI):
-                        for e in T.vectorized(vec):
-                            v[i * vec + e] = x[b, (i * threads + tid) * vec + e]
+                        if add:
+                            for e in T.vectorized(vec):
+                                v[i * vec + e] = (x[b, (i * threads + tid) * vec + e]
+                                                  + residual[b, (i * threads + tid) * vec + e])
+                            for e in T.vectorized(vec):
+                                h[b, (i * threads + tid) * vec + e] = v[i * vec + e]
+                        else:
+                            for e in T.vectorized(vec):
+                                v[i * vec + e] = x[b, (i * threads + tid) * vec + e]
                     scale_row(b, tid, v, w, y, part, red)
+
+    if add:
+        @T.prim_func(s_tir=True)
+        def add_rms_norm(x: T.Buffer((B, H), "float16"), residual: T.Buffer((B, H), "float16"),
+                         weight: T.Buffer((H,), "float16"), y: T.Buffer((B, H), "float16"),
+                         h: T.Buffer((B, H), "float16")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            norm_rows(x, residual, h, weight, y)
+        return add_rms_norm
+
+    @T.prim_func(s_tir=True)
+    def rms_norm(x: T.Buffer((B, H), "float16"), weight: T.Buffer((H,), "float16"),
+                 y: T.Buffer((B, H), "float16")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        norm_rows(x, x, y, weight, y)   # no residual, no h: the `add` branch is not built
     return rms_norm
 
 

@@ -1,16 +1,18 @@
 """`shardtune db ...` as a user runs it: a real process, exit codes, one-line errors."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from shardtune.database import SCHEMA_VERSION, Record, TuningDB, canonical, export_jsonl
-from shardtune.database.checks import installed_tvm_version
+from shardtune.database.checks import Validator, check_record, installed_tvm_version
 from shardtune.kernels import KnobError, get_template
 
 TEMPLATE = "q4f16_1_gemv"  # a real template, so records are valid in the child process too
@@ -216,3 +218,55 @@ def test_coverage_counts_the_kernels_a_build_finds_records_for(capsys):
 def test_coverage_bad_input_is_one_line(capsys, args, message):
     rc, out, err = coverage(capsys, *args)
     assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+# --- refresh: a template edit that leaves a kernel's generated code as it was keeps its records ---
+
+REFERENCE = Path(__file__).parent.parent / "database" / "reference" / "sm_90.jsonl"
+OLD_HASH = "0123456789abcdef"
+
+
+def _reference_gemvs(n: int) -> list:
+    out = []
+    for line in REFERENCE.read_text().splitlines():
+        rec = check_record(json.loads(line))
+        if rec.template == "q4f16_1_gemv" and rec.knobs.get("k_loop") == "serial" and rec.source_sha:
+            out.append(rec)
+            if len(out) == n:
+                return out
+    raise AssertionError("the reference has no such GEMV records")
+
+
+def test_refresh_keeps_records_whose_code_is_unchanged(tmp_path):
+    same, other = _reference_gemvs(2)
+    # As tuned before `k_loop` existed: an older template version, one knob fewer.
+    older = dataclasses.replace(same, template_hash=OLD_HASH,
+                                knobs={k: v for k, v in same.knobs.items() if k != "k_loop"},
+                                extra={k: v for k, v in same.extra.items() if k != "refreshed_from"})
+    # Its stored code hash is not what these knobs generate now: the kernel changed, retune.
+    changed = dataclasses.replace(other, template_hash=OLD_HASH, source_sha="0" * 16)
+    gone = dataclasses.replace(other, template="q4f16_1_gemv_retired", template_hash=OLD_HASH)
+    path = tmp_path / "t.db"
+    with TuningDB(path) as db:
+        db.add_many([older, changed, gone])
+
+    proc = shardtune("db", "refresh", path, "--builders", "1", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 of 3 stale records refreshed" in proc.stdout, proc.stdout
+    with TuningDB.open_existing(path) as db:
+        valid, stale = db.validate()
+    assert len(valid) == 1 and len(stale) == 3   # the old records stay
+    new = valid[0]
+    assert new.knobs == same.knobs and new.latency_us == same.latency_us
+    assert new.extra["refreshed_from"] == OLD_HASH and Validator().reason(new) is None
+
+    again = shardtune("db", "refresh", path, "--builders", "1", "--no-progress")
+    assert again.returncode == 0 and "0 of 2 stale records refreshed" in again.stdout, again.stdout
+
+
+def test_refresh_bad_input_is_one_line(tmp_path):
+    _one_line_error(shardtune("db", "refresh", tmp_path / "none.db"), "none.db: no such database")
+    assert not (tmp_path / "none.db").exists()
+    with TuningDB(tmp_path / "t.db"):
+        pass
+    _one_line_error(shardtune("db", "refresh", tmp_path / "t.db", "--arch", "sm_12"), "unknown arch 'sm_12'")

@@ -56,7 +56,8 @@ def test_template_matches_reference_on_cpu(name, batch, N, K):
 def test_knob_validation():
     tpl = get_template("q4f16_1_gemv")
     tpl.validate_knobs({"rows": 4, "lanes": 16, "unroll": 1})
-    tpl.validate_knobs({"rows": 4, "tx": 32, "vec": 4, "unroll": 1, "x_scope": "global", "decode": "f16x2"})
+    tpl.validate_knobs({"rows": 4, "tx": 32, "vec": 4, "unroll": 1, "x_scope": "global", "decode": "f16x2",
+                        "k_loop": "serial"})
     with pytest.raises(KnobError, match="not one of"):
         tpl.validate_knobs({"rows": 3, "lanes": 16, "unroll": 1})
     with pytest.raises(KnobError, match="missing"):
@@ -132,3 +133,21 @@ def test_default_knobs_are_valid_for_every_model_shape(arch):
                     knobs = tpl.default_knobs(inst.workload, target)
                     tpl.validate_knobs(knobs)
                     assert tpl.check(inst.workload, knobs, target) is None, (inst, knobs)
+
+
+def test_unrolled_k_loop_issues_every_step_without_a_loop():
+    """k_loop=unrolled: no K loop left in the CUDA (ptxas may then issue all loads at once);
+    refused where the steps are too many to unroll."""
+    tpl = get_template("q4f16_1_gemv")
+    target = target_of(get_arch("sm_90"))
+    knobs = {"rows": 2, "tx": 32, "vec": 2, "unroll": 1, "x_scope": "global", "decode": "f16x2"}
+    wl = as_workload("q4f16_1_gemv", 1, 512, 4096)      # 512 words a row: 8 steps of 64
+    src = {}
+    for k_loop in ("serial", "unrolled"):
+        assert tpl.check(wl, {**knobs, "k_loop": k_loop}, target) is None
+        with target:
+            mod = tvm.compile(tpl.schedule(wl, {**knobs, "k_loop": k_loop}, target), target=target)
+        src[k_loop] = mod.mod.imports[0].inspect_source()
+    assert "for (int k_0 = 0; k_0 < 8; ++k_0)" in src["serial"]
+    assert "k_0" not in src["unrolled"] and src["unrolled"].count("st_q4_dot8(wq_local") == 16
+    assert "steps of K" in tpl.check(as_workload("q4f16_1_gemv", 1, 512, 8192), {**knobs, "k_loop": "unrolled"}, target)

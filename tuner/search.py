@@ -135,6 +135,11 @@ def _tell(study: optuna.Study, trial, value=None, state=None, **attrs) -> None:
 LATE_ROUND = 2   # candidates built for a kernel whose share of the time budget is already spent
 
 
+def neighbours(knobs: dict, space: dict) -> list[dict]:
+    """The settings one knob away from `knobs`, knob by knob in the space's order."""
+    return [{**knobs, name: v} for name, values in space.items() for v in values if v != knobs.get(name)]
+
+
 def seed_knobs(tpl, wl: dict, target) -> list[dict]:
     """Settings a template names as worth measuring early (its optional `seed_knobs`), beside
     the default and the warm start: ones a random draw would seldom hit."""
@@ -146,13 +151,17 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
            proposals: int = 16) -> SearchResult:
     space = tpl.space_for(target)
     dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()}
-    for knobs in [tpl.default_knobs(wl, target), *warm_knobs, *seed_knobs(tpl, wl, target)]:
-        if tpl.check(wl, knobs, target) is None:
-            study.enqueue_trial(knobs, skip_if_exists=True)
-
     res = SearchResult(trials=_finished(study))
     res.spent = len(res.trials)
     tried = {tuple(sorted(t.knobs.items())) for t in res.trials}
+    # Measured first, whatever the cost model thinks: the default, the warm start, the template's
+    # seeds, then the settings one knob away from the best warm start (TPE seldom refines a good
+    # start, and a knob added to a template is explored from the settings that won without it).
+    first = []
+    start = neighbours(warm_knobs[0], space) if warm_knobs else []
+    for knobs in [tpl.default_knobs(wl, target), *warm_knobs, *seed_knobs(tpl, wl, target), *start]:
+        if knobs not in first and tuple(sorted(knobs.items())) not in tried and tpl.check(wl, knobs, target) is None:
+            first.append(knobs)
     model = CostModel(space, seed)
     stale_rounds = 0
     late_rounds = 0
@@ -164,8 +173,11 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
                 break
             late_rounds += 1
         model.fit(wl, res.trials)
+        forced, first = first[:builds_per_round], first[builds_per_round:]
+        for knobs in forced:
+            study.enqueue_trial(knobs)   # asked before any TPE proposal
         asked, cands, proposed = [], [], set()
-        for _ in range(proposals):
+        for _ in range(max(proposals, len(forced))):
             t = study.ask(dists)
             key = tuple(sorted(t.params.items()))
             if key in tried or key in proposed or tpl.check(wl, t.params, target):
@@ -179,7 +191,8 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
             stale_rounds += 1
             continue
         stale_rounds = 0
-        order = model.rank(wl, cands)
+        n_forced = sum(c in forced for c in cands)   # asked first, so the first few
+        order = list(range(n_forced)) + [n_forced + i for i in model.rank(wl, cands[n_forced:])]
         take = order[:min(LATE_ROUND if late_rounds else builds_per_round, trials - res.spent)]
         for i in order[len(take):]:   # the cost model passed these over: no build
             _tell(study, asked[i], state=optuna.trial.TrialState.PRUNED)
