@@ -122,8 +122,8 @@ def _finished(study: optuna.Study) -> list[Trial]:
 
 
 def _tell(study: optuna.Study, trial, value=None, state=None, **attrs) -> None:
-    """Record a trial's outcome. Two `tune` processes sharing a study can both be handed the same
-    enqueued trial; whichever tells second finds it finished, and the first one's result stands."""
+    """Record a trial's outcome. A trial that is finished already (in a study another `tune`
+    process shares) keeps the outcome it has."""
     try:
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
@@ -173,11 +173,12 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
                 break
             late_rounds += 1
         model.fit(wl, res.trials)
+        # The settings measured first are not Optuna trials until measured (then added whole): an
+        # enqueued trial could be handed to another `tune` process sharing the study.
         forced, first = first[:builds_per_round], first[builds_per_round:]
-        for knobs in forced:
-            study.enqueue_trial(knobs)   # asked before any TPE proposal
-        asked, cands, proposed = [], [], set()
-        for _ in range(max(proposals, len(forced))):
+        asked, cands = [None] * len(forced), list(forced)
+        proposed = {tuple(sorted(k.items())) for k in forced}
+        for _ in range(proposals):
             t = study.ask(dists)
             key = tuple(sorted(t.params.items()))
             if key in tried or key in proposed or tpl.check(wl, t.params, target):
@@ -187,15 +188,17 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
             proposed.add(key)
             asked.append(t)
             cands.append(dict(t.params))
-        if not asked:
+        if not cands:
             stale_rounds += 1
             continue
         stale_rounds = 0
-        n_forced = sum(c in forced for c in cands)   # asked first, so the first few
-        order = list(range(n_forced)) + [n_forced + i for i in model.rank(wl, cands[n_forced:])]
+        order = list(range(len(forced))) + [len(forced) + i for i in model.rank(wl, cands[len(forced):])]
         take = order[:min(LATE_ROUND if late_rounds else builds_per_round, trials - res.spent)]
         for i in order[len(take):]:   # the cost model passed these over: no build
-            _tell(study, asked[i], state=optuna.trial.TrialState.PRUNED)
+            if asked[i] is None:
+                first.insert(0, cands[i])   # a late round's leftover: still first, if time is left
+            else:
+                _tell(study, asked[i], state=optuna.trial.TrialState.PRUNED)
         built = bench.build_many(tpl.name, wl, [cands[i] for i in take])
         # Measured together: with several (remote) devices, in parallel.
         ok = [path for path, _ in built if path is not None]
@@ -204,12 +207,14 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
             m = Measurement(error=err) if path is None else next(measured)
             if path is not None:
                 m.source_sha = bench.source_sha.pop(path, "")
-            t = asked[i]
-            if m.ok:
-                _tell(study, t, m.latency_us, spread_us=m.spread_us, runs=m.runs, rel_error=m.rel_error,
-                      source_sha=m.source_sha, timing=m.timing)
+            attrs = ({"spread_us": m.spread_us, "runs": m.runs, "rel_error": m.rel_error,
+                      "source_sha": m.source_sha, "timing": m.timing} if m.ok else {"error": m.error})
+            state = optuna.trial.TrialState.COMPLETE if m.ok else optuna.trial.TrialState.FAIL
+            if asked[i] is None:
+                study.add_trial(optuna.trial.create_trial(params=cands[i], distributions=dists, state=state,
+                                                          value=m.latency_us if m.ok else None, user_attrs=attrs))
             else:
-                _tell(study, t, state=optuna.trial.TrialState.FAIL, error=m.error)
+                _tell(study, asked[i], m.latency_us if m.ok else None, state=state, **attrs)
             res.trials.append(Trial(cands[i], m))
             tried.add(tuple(sorted(cands[i].items())))
             res.spent += 1
