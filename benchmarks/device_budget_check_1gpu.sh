@@ -53,7 +53,8 @@ for (t, w), v in sorted(now.items()):
     rows.append({"template": t, "workload": json.loads(w), "a_us": v.get("a"), "b_us": v.get("b"),
                  "a_over_b": a / b})
 ok = bool(rows) and all(r["a_over_b"] <= 1.05 for r in rows)   # NaN (a failed kernel) fails
-a_line = [ln for ln in open(f"{out}/run.log") if ln.startswith("tune A")][-1].strip()
+# Phase a wrote its summary line into this machine's /tmp/tune_a.log ($OUT is new in every call).
+a_line = [ln for ln in open("/tmp/tune_a.log") if ln.startswith("tune A")][-1].strip()
 json.dump({"device": open(f"{out}/run.log").readline().strip(), "command": "benchmarks/device_budget_check_1gpu.sh a, b, compare",
            "tune_a": a_line, "tune_b_seconds": b_seconds, "rows": rows, "a_within_5_percent_of_b": ok},
           open(f"{out}/budget_check.json", "w"), indent=1)
