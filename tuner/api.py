@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import UserError
 from ..kernels import get_template
 from .measure import Bench, Measurement, _one_line
-from .search import open_study, search, study_name
+from .search import completed_knobs, open_study, search, study_name
 from .targets import get_arch, local_gpu_arch, target_of
 from .workloads import kernel_instances
 
@@ -267,17 +267,13 @@ def _warm_knobs(store, tpl, wl, arch, target, limit: int = 4) -> list[dict]:
     """Knobs that won for the same template and arch, this workload's first (stale records too:
     a hint is a hint). A knob added to the template since takes its first listed value, which is
     the schedule as it was before the knob existed; knobs outside today's space are dropped."""
-    space = tpl.space_for(target)
     out = []
     for rec in sorted(store.records(arch=arch, template=tpl.name), key=lambda r: r.workload != wl):
-        knobs = {k: rec.knobs.get(k, values[0]) for k, values in space.items()}
-        if knobs in out or set(rec.knobs) - set(space):
-            continue
         try:
-            tpl.validate_knobs(knobs)   # before check(), which may index any knob
+            knobs = completed_knobs(tpl, rec.knobs, target)   # before check(), which may index any knob
         except ValueError:
             continue
-        if tpl.check(wl, knobs, target) is None:
+        if knobs not in out and tpl.check(wl, knobs, target) is None:
             out.append(knobs)
     return out[:limit]
 

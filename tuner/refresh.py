@@ -30,24 +30,12 @@ class Outcome:
     new: object = None      # the refreshed Record
 
 
-def completed_knobs(tpl, knobs: dict, target) -> tuple[dict | None, str]:
-    """`knobs` in the target's current space, knobs added since at their first value; or None and why."""
-    space = tpl.space_for(target)
-    gone = sorted(set(knobs) - set(space))
-    if gone:
-        return None, f"knobs {gone} are gone from the space"
-    out = {name: knobs.get(name, values[0]) for name, values in space.items()}
-    bad = [f"{k}={v!r}" for k, v in out.items() if v not in space[k]]
-    if bad:
-        return None, f"{', '.join(bad)} no longer in the space"
-    return out, ""
-
-
 def plan(records, validator, present: set = frozenset()) -> list[Outcome]:
     """An Outcome per stale record not refreshed before (its copy's id in `present`); those that
     can be refreshed carry the new record (not yet checked against the generated code)."""
     from ..database.checks import record_id
-    from ..tuner.targets import get_arch, target_of
+    from .search import completed_knobs
+    from .targets import get_arch, target_of
 
     targets, out = {}, []
     for rec in records:
@@ -68,10 +56,13 @@ def plan(records, validator, present: set = frozenset()) -> list[Outcome]:
         except UserError as e:
             out.append(Outcome(rec, "not refreshable", f"cannot build for {rec.arch}: {e}"))
             continue
-        knobs, why = completed_knobs(tpl, rec.knobs, targets[rec.arch])
-        if knobs is not None:
-            why = tpl.check(rec.workload, knobs, targets[rec.arch])
-        if knobs is None or why:
+        try:
+            knobs = completed_knobs(tpl, rec.knobs, targets[rec.arch])
+        except ValueError as e:   # KnobError: knobs the space dropped
+            out.append(Outcome(rec, "not refreshable", str(e)))
+            continue
+        why = tpl.check(rec.workload, knobs, targets[rec.arch])
+        if why:
             out.append(Outcome(rec, "not refreshable", why))
             continue
         # The version that measured it, however many refreshes ago.

@@ -135,6 +135,16 @@ def _tell(study: optuna.Study, trial, value=None, state=None, **attrs) -> None:
 LATE_ROUND = 2   # candidates built for a kernel whose share of the time budget is already spent
 
 
+def completed_knobs(tpl, knobs: dict, target) -> dict:
+    """`knobs` with every knob of the target's space: a knob added to the template since takes its
+    first listed value, which is the schedule as it was before the knob existed. KnobError (a
+    ValueError) for knobs or values outside today's space."""
+    out = {name: values[0] for name, values in tpl.space_for(target).items()}
+    out.update(knobs)
+    tpl.validate_knobs(out)
+    return out
+
+
 def neighbours(knobs: dict, space: dict) -> list[dict]:
     """The settings one knob away from `knobs`, knob by knob in the space's order."""
     return [{**knobs, name: v} for name, values in space.items() for v in values if v != knobs.get(name)]
