@@ -1,34 +1,49 @@
 #!/bin/bash
 # Issue 3's search-length check on one H100, in calls back to back on one warm machine:
 #   bash benchmarks/device_budget_check_1gpu.sh a        # A: `tune` of Llama-2-70B TP2's GEMVs as a user
-#        # runs it (its default, 48 trials a kernel) from an empty database, timed; then B, the same
-#        # with four times the trials (192 a kernel), until the call's time is up
+#        # runs it (its default trials a kernel) from an empty database, timed; then B, the same
+#        # with four times the trials, until the call's time is up
 #   bash benchmarks/device_budget_check_1gpu.sh b        # B goes on where it stopped (the study resumes)
 #   bash benchmarks/device_budget_check_1gpu.sh compare  # B to its end; then both databases' best records
 #        # re-measured on this GPU, A B A B; budget_check.json: per kernel, A's time over B's
-# LEFT: seconds a call may use (default 560). Results in $OUT: logs, both exports, regress_*.json.
+# LEFT: seconds a call may use (default 560; compare keeps REGRESS_S of them, default 300, for the
+# re-measure). Results in $OUT: logs, both exports, regress_*.json.
+# A machine goes back after 30 minutes held, and its /tmp with it. SEED=DIR (a folder of this
+# repository holding the earlier calls' $OUT: tune_a.log, tune_a.jsonl, tune_b.jsonl, run.log) goes
+# on on a new one: A's records are imported, B's too, and B searches only the kernels it had not
+# finished (--missing-only; the one in progress starts over).
 source benchmarks/device_env.sh || exit 3
 TUNE="python3 -m shardtune tune --arch sm_90 --model llama2-70b --shards 2 --kernels gemv --builders 15 --no-progress"
 LEFT=${LEFT:-560}
+DEFAULT=$(python3 -c "from shardtune.tuner.api import DEFAULT_TRIALS; print(DEFAULT_TRIALS['nvidia'])")
 echo "device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)  date: $(date -u +%FT%TZ)  phase $1" | tee -a "$OUT/run.log"
 tune_b() {   # SECONDS: B for at most that long; its wall time is summed in /tmp/b_seconds
   local t0=$SECONDS
-  timeout "$1" $TUNE --trials-per-kernel 192 --db /tmp/b.db >> /tmp/tune_b.log 2>&1
+  timeout "$1" $TUNE --trials-per-kernel $((4 * DEFAULT)) --db /tmp/b.db >> /tmp/tune_b.log 2>&1
   local rc=$?
   echo $((SECONDS - t0)) >> /tmp/b_seconds
   echo "tune B: rc=$rc after $((SECONDS - t0)) s (124: stopped, resumes next call); $(( $(paste -sd+ /tmp/b_seconds) )) s in all" | tee -a "$OUT/run.log"
 }
+if [ -n "$SEED" ] && [ ! -e /tmp/a.db ]; then
+  python3 -m shardtune db import /tmp/a.db "$SEED/tune_a.jsonl" && python3 -m shardtune db import /tmp/b.db "$SEED/tune_b.jsonl" || exit 3
+  cp "$SEED/tune_a.log" /tmp/tune_a.log
+  grep -o '[0-9]* s in all' "$SEED/run.log" | tail -1 | cut -d' ' -f1 > /tmp/b_seconds
+  TUNE="$TUNE --missing-only"
+  echo "seeded from $SEED: B had searched $(cat /tmp/b_seconds) s" | tee -a "$OUT/run.log"
+elif [ -e /tmp/a.db ] && [ -n "$SEED" ]; then
+  TUNE="$TUNE --missing-only"
+fi
 case $1 in
 a)
   t0=$SECONDS
   $TUNE --db /tmp/a.db > /tmp/tune_a.log 2>&1
-  echo "tune A (default: 48 trials a kernel): rc=$? in $((SECONDS - t0)) s wall" | tee -a "$OUT/run.log" /tmp/tune_a.log
+  echo "tune A (default: $DEFAULT trials a kernel): rc=$? in $((SECONDS - t0)) s wall" | tee -a "$OUT/run.log" /tmp/tune_a.log
   cp /tmp/tune_a.log "$OUT/"
   tune_b $((LEFT - SECONDS)) ;;
 b)
   tune_b $((LEFT - SECONDS)) ;;
 compare)
-  tune_b $((LEFT - 150 - SECONDS))
+  tune_b $((LEFT - ${REGRESS_S:-300} - SECONDS))
   cp /tmp/tune_a.log /tmp/tune_b.log "$OUT/"
   for d in a b; do python3 -m shardtune db export /tmp/$d.db -o "$OUT/tune_$d.jsonl"; done
   for round in 1 2; do
@@ -38,7 +53,7 @@ compare)
     done
   done
   python3 - "$OUT" <<'PY'
-import json, statistics, sys
+import json, os, statistics, sys
 out, now = sys.argv[1], {}
 for d in "ab":
     for rnd in (1, 2):
@@ -55,7 +70,7 @@ for (t, w), v in sorted(now.items()):
 ok = bool(rows) and all(r["a_over_b"] <= 1.05 for r in rows)   # NaN (a failed kernel) fails
 # Phase a wrote its summary line into this machine's /tmp/tune_a.log ($OUT is new in every call).
 a_line = [ln for ln in open("/tmp/tune_a.log") if ln.startswith("tune A")][-1].strip()
-json.dump({"device": open(f"{out}/run.log").readline().strip(), "command": "benchmarks/device_budget_check_1gpu.sh a, b, compare",
+json.dump({"device": open(f"{out}/run.log").readline().strip(), "command": "benchmarks/device_budget_check_1gpu.sh a, b, compare" + (" (then SEED=... b, compare on a new machine)" if os.environ.get("SEED") else ""),
            "tune_a": a_line, "tune_b_seconds": b_seconds, "rows": rows, "a_within_5_percent_of_b": ok},
           open(f"{out}/budget_check.json", "w"), indent=1)
 for r in rows:

@@ -12,8 +12,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
                    help="tiny, llama2-7b, llama2-13b, llama2-70b, codellama-34b, llama3-8b, llama3-70b, "
                         "or a path to a Hugging Face config.json (default tiny)")
     p.add_argument("--db", help="tuning database (default ~/.cache/shardtune/tuning.db or $SHARDTUNE_DB)")
-    p.add_argument("--trials-per-kernel", type=int, default=48, metavar="N",
-                   help="candidates built and measured per kernel (default 48)")
+    p.add_argument("--trials-per-kernel", type=int, metavar="N",
+                   help="candidates built and measured per kernel (default 128 on GPUs, 48 on CPUs)")
     p.add_argument("--time-budget", metavar="T", help="stop after T in all (e.g. 600, 90s, 10m)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kernels", default="gemv", help="comma-separated kernel kinds (default gemv)")
@@ -38,7 +38,7 @@ def run(args) -> int:
     from ..errors import UserError
     from .api import tune
 
-    if args.trials_per_kernel < 1:
+    if args.trials_per_kernel is not None and args.trials_per_kernel < 1:
         raise UserError("--trials-per-kernel must be at least 1")
     tune(arch=args.arch, shards=args.shards, model=args.model, db=args.db,
          trials_per_kernel=args.trials_per_kernel, time_budget=args.time_budget, seed=args.seed,
