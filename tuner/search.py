@@ -121,15 +121,13 @@ def _finished(study: optuna.Study) -> list[Trial]:
     return out
 
 
-def _tell(study: optuna.Study, trial, value=None, state=None, **attrs) -> None:
-    """Record a trial's outcome. A trial that is finished already (in a study another `tune`
-    process shares) keeps the outcome it has."""
-    try:
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
-        study.tell(trial, value, state=state)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        pass
+def _working_copy(study: optuna.Study) -> optuna.Study:
+    """An in-memory study holding the stored one's finished trials, for TPE to ask and be told.
+    On the SQLite storage every ask and tell reads the whole study: about 60 ms each at first,
+    growing with the study, and a round asks 16. Only measured trials are written back."""
+    mem = optuna.create_study(direction="minimize", sampler=study.sampler)
+    mem.add_trials([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+    return mem
 
 
 LATE_ROUND = 2   # candidates built for a kernel whose share of the time budget is already spent
@@ -162,6 +160,7 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
     space = tpl.space_for(target)
     dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()}
     res = SearchResult(trials=_finished(study))
+    proposer = _working_copy(study)
     res.spent = len(res.trials)
     tried = {tuple(sorted(t.knobs.items())) for t in res.trials}
     # Measured first, whatever the cost model thinks: the default, the warm start, the template's
@@ -189,11 +188,11 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
         asked, cands = [None] * len(forced), list(forced)
         proposed = {tuple(sorted(k.items())) for k in forced}
         for _ in range(proposals):
-            t = study.ask(dists)
+            t = proposer.ask(dists)
             key = tuple(sorted(t.params.items()))
             if key in tried or key in proposed or tpl.check(wl, t.params, target):
                 # Already measured, already proposed this round, or invalid (pruned before any build).
-                _tell(study, t, state=optuna.trial.TrialState.PRUNED)
+                proposer.tell(t, state=optuna.trial.TrialState.PRUNED)
                 continue
             proposed.add(key)
             asked.append(t)
@@ -208,7 +207,7 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
             if asked[i] is None:
                 first.insert(0, cands[i])   # a late round's leftover: still first, if time is left
             else:
-                _tell(study, asked[i], state=optuna.trial.TrialState.PRUNED)
+                proposer.tell(asked[i], state=optuna.trial.TrialState.PRUNED)
         built = bench.build_many(tpl.name, wl, [cands[i] for i in take])
         # Measured together: with several (remote) devices, in parallel.
         ok = [path for path, _ in built if path is not None]
@@ -220,11 +219,13 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
             attrs = ({"spread_us": m.spread_us, "runs": m.runs, "rel_error": m.rel_error,
                       "source_sha": m.source_sha, "timing": m.timing} if m.ok else {"error": m.error})
             state = optuna.trial.TrialState.COMPLETE if m.ok else optuna.trial.TrialState.FAIL
+            done = optuna.trial.create_trial(params=cands[i], distributions=dists, state=state,
+                                             value=m.latency_us if m.ok else None, user_attrs=attrs)
+            study.add_trial(done)   # stored whole: a `tune` sharing the study never sees it half-told
             if asked[i] is None:
-                study.add_trial(optuna.trial.create_trial(params=cands[i], distributions=dists, state=state,
-                                                          value=m.latency_us if m.ok else None, user_attrs=attrs))
+                proposer.add_trial(done)
             else:
-                _tell(study, asked[i], m.latency_us if m.ok else None, state=state, **attrs)
+                proposer.tell(asked[i], done.value, state=state)
             res.trials.append(Trial(cands[i], m))
             tried.add(tuple(sorted(cands[i].items())))
             res.spent += 1
