@@ -7,7 +7,8 @@
 #   bash benchmarks/device_budget_check_1gpu.sh compare  # B to its end; then both databases' best records
 #        # re-measured on this GPU, A B A B; budget_check.json: per kernel, A's time over B's
 # LEFT: seconds a call may use (default 560; compare keeps REGRESS_S of them, default 300, for the
-# re-measure). Results in $OUT: logs, both exports, regress_*.json.
+# re-measure). Results in $OUT: logs, both exports, budget_check.json, regress.tgz (the four
+# regress JSONs in one file: a call returns at most 8 files from $OUT).
 # A machine goes back after 30 minutes held, and its /tmp with it. SEED=DIR (a folder of this
 # repository holding the earlier calls' $OUT: tune_a.log, tune_a.jsonl, tune_b.jsonl, run.log) goes
 # on on a new one: A's records are imported, B's too, and B searches only the kernels it had not
@@ -77,6 +78,7 @@ for r in rows:
     print(f"{r['template']:24s} {r['workload']['N']:6d}x{r['workload']['K']:<6d} A {r['a_us']} B {r['b_us']} A/B {r['a_over_b']:.3f}")
 print(a_line, f"| B searched {b_seconds} s | every kernel of A within 5% of B: {ok}")
 PY
+  tar czf "$OUT/regress.tgz" -C /tmp regress_a_1.json regress_b_1.json regress_a_2.json regress_b_2.json
   ;;
 *) echo "usage: $0 a|b|compare"; exit 2 ;;
 esac
