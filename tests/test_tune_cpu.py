@@ -276,3 +276,14 @@ def test_warm_start_from_records_of_an_older_knob_space(tmp_path, monkeypatch):
     assert {"split": 0, **knobs} in _warm_knobs(db, tpl, other, "cpu", cpu)
     monkeypatch.setattr(tpl, "cpu_knobs", {k: v for k, v in tpl.cpu_knobs.items() if k != list(knobs)[0]})
     assert _warm_knobs(db, tpl, other, "cpu", cpu) == []
+
+
+@pytest.mark.parametrize("arch, trials", [("cpu", 48), ("sm_90", 128), ("gfx1100", 128)])
+def test_default_trials_follow_the_arch(monkeypatch, arch, trials):
+    """GPU candidates measure in a fraction of a second, CPU ones in seconds: the defaults differ."""
+    from shardtune.tuner import api
+
+    seen = []
+    monkeypatch.setattr(api, "_dry_run", lambda instances, target, bench, n, seed, out: seen.append(n) or [])
+    assert api.tune(arch=arch, shards=1, model="tiny", dry_run=True, progress=False) == []
+    assert seen == [trials]
