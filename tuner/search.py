@@ -107,9 +107,10 @@ def open_study(storage_path: str, name: str, seed: int) -> optuna.Study:
                                    load_if_exists=True)
 
 
-def _finished(study: optuna.Study) -> list[Trial]:
+def _finished(stored: list) -> list[Trial]:
+    """The measured trials among a stored study's FrozenTrials."""
     out = []
-    for t in study.get_trials():
+    for t in stored:
         if t.state == optuna.trial.TrialState.COMPLETE:
             a = t.user_attrs
             # Trials stored before timings were recorded were all timed one launch at a time.
@@ -121,12 +122,12 @@ def _finished(study: optuna.Study) -> list[Trial]:
     return out
 
 
-def _working_copy(study: optuna.Study) -> optuna.Study:
+def _working_copy(study: optuna.Study, stored: list) -> optuna.Study:
     """An in-memory study holding the stored one's finished trials, for TPE to ask and be told.
     On the SQLite storage every ask and tell reads the whole study: about 60 ms each at first,
     growing with the study, and a round asks 16. Only measured trials are written back."""
     mem = optuna.create_study(direction="minimize", sampler=study.sampler)
-    mem.add_trials([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+    mem.add_trials([t for t in stored if t.state.is_finished()])
     return mem
 
 
@@ -159,8 +160,9 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
            proposals: int = 16) -> SearchResult:
     space = tpl.space_for(target)
     dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()}
-    res = SearchResult(trials=_finished(study))
-    proposer = _working_copy(study)
+    stored = study.get_trials(deepcopy=False)   # read once: the search's start and TPE's copy
+    res = SearchResult(trials=_finished(stored))
+    proposer = _working_copy(study, stored)
     res.spent = len(res.trials)
     tried = {tuple(sorted(t.knobs.items())) for t in res.trials}
     # Measured first, whatever the cost model thinks: the default, the warm start, the template's
