@@ -25,13 +25,13 @@ tune_b() {   # SECONDS: B for at most that long; its wall time is summed in /tmp
   echo $((SECONDS - t0)) >> /tmp/b_seconds
   echo "tune B: rc=$rc after $((SECONDS - t0)) s (124: stopped, resumes next call); $(( $(paste -sd+ /tmp/b_seconds) )) s in all" | tee -a "$OUT/run.log"
 }
-if [ -n "$SEED" ] && [ ! -e /tmp/a.db ]; then
-  python3 -m shardtune db import /tmp/a.db "$SEED/tune_a.jsonl" && python3 -m shardtune db import /tmp/b.db "$SEED/tune_b.jsonl" || exit 3
-  cp "$SEED/tune_a.log" /tmp/tune_a.log
-  grep -o '[0-9]* s in all' "$SEED/run.log" | tail -1 | cut -d' ' -f1 > /tmp/b_seconds
-  TUNE="$TUNE --missing-only"
-  echo "seeded from $SEED: B had searched $(cat /tmp/b_seconds) s" | tee -a "$OUT/run.log"
-elif [ -e /tmp/a.db ] && [ -n "$SEED" ]; then
+if [ -n "$SEED" ]; then
+  if [ ! -e /tmp/a.db ]; then   # the first call on this machine
+    python3 -m shardtune db import /tmp/a.db "$SEED/tune_a.jsonl" && python3 -m shardtune db import /tmp/b.db "$SEED/tune_b.jsonl" || exit 3
+    cp "$SEED/tune_a.log" /tmp/tune_a.log
+    grep -o '[0-9]* s in all' "$SEED/run.log" | tail -1 | cut -d' ' -f1 > /tmp/b_seconds
+    echo "seeded from $SEED: B had searched $(cat /tmp/b_seconds) s" | tee -a "$OUT/run.log"
+  fi
   TUNE="$TUNE --missing-only"
 fi
 case $1 in

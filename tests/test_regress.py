@@ -54,15 +54,18 @@ def test_reference_imports_and_every_record_is_valid_with_provenance(tmp_path):
 def test_compile_only_rebuilds_reference_records_of_every_template(tmp_path):
     # Four keys of each template, spread over its shapes and shard counts: the whole reference
     # (164 keys) took two of CI's 16 minutes. `db refresh` rebuilds all of it when templates change.
+    with open(REF) as f:
+        lines = f.readlines()
+    records = read_jsonl(REF)
     by_template = {}
-    for r in read_jsonl(REF):
+    for r in records:
         by_template.setdefault(r.template, set()).add((r.template, r.workload_key, r.shards))
     keys = set()
     for found in by_template.values():
         found = sorted(found)
         keys.update(found[::-(-len(found) // 4)])
     sample = tmp_path / "sample.jsonl"
-    sample.write_text("".join(line for line, r in zip(open(REF), read_jsonl(REF))
+    sample.write_text("".join(line for line, r in zip(lines, records, strict=True)
                               if (r.template, r.workload_key, r.shards) in keys))
     rc = main(["regress", "--db", str(sample), "--compile-only", "--json", str(tmp_path / "r.json")])
     rep = _report(tmp_path / "r.json")

@@ -20,11 +20,15 @@ def tune_cli(*args, timeout=300):
     return subprocess.run([*TUNE, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def finished_trials(studies_path):
+def stored_trials(studies_path):
     storage = open_storage(str(studies_path))   # the tuner's lock: never race its table creation
-    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-    return {s.study_name: sum(t.state in done for t in optuna.load_study(study_name=s.study_name, storage=storage).trials)
+    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage).trials
             for s in optuna.study.get_all_study_summaries(storage)}
+
+
+def finished_trials(studies_path):
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    return {name: sum(t.state in done for t in trials) for name, trials in stored_trials(studies_path).items()}
 
 
 def test_cpu_tune_writes_checked_records(tmp_path):
@@ -84,14 +88,12 @@ def test_resume_after_kill(tmp_path):
     r = tune_cli("--arch", "cpu", "--model", "tiny", "--db", str(db), "--no-progress",
                  "--trials-per-kernel", str(done + 1))
     assert r.returncode == 0, r.stderr
-    after = finished_trials(studies)
-    assert after[first] == done + 1        # the killed run's trials were kept, one more was made
+    stored = stored_trials(studies)
     # Only measured trials are stored, each whole: a kill leaves none running or half-told.
-    storage = open_storage(str(studies))
-    for summary in optuna.get_all_study_summaries(storage):
-        for t in optuna.load_study(study_name=summary.study_name, storage=storage).trials:
-            assert t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL), t
-            assert ("runs" if t.state == optuna.trial.TrialState.COMPLETE else "error") in t.user_attrs, t
+    for t in (t for trials in stored.values() for t in trials):
+        assert t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL), t
+        assert ("runs" if t.state == optuna.trial.TrialState.COMPLETE else "error") in t.user_attrs, t
+    assert len(stored[first]) == done + 1   # the killed run's trials were kept, one more was made
     recs = TuningDB.open_existing(db).records()
     assert {rec.trials for rec in recs} == {done + 1}
     # kept trials carry how they were timed into their records (CPUs: one call at a time)
