@@ -25,18 +25,11 @@ CPU_KNOBS = {
 K_LOOPS = ["serial", "unrolled"]
 MAX_UNROLLED_STEPS = 8   # code size and registers
 
-#: Output rows each thread computes. Per weight, a thread loads four times its bytes of fp16
-#: activations (from L1 or shared memory) and packs them for the math; with several rows a
-#: thread loads and packs them once for all. First value: the schedule as it was (`db refresh`).
-ROWS_PER_THREAD = [1, 2, 4]
-MAX_WEIGHT_LOADS = 32   # with several rows: rows_per_thread * vec * unroll loaded elements per step
-
 
 def default_gpu_knobs(tpl, wl: dict, target, vecs: tuple, txs: tuple, **fixed) -> dict:
     """The widest loads and rows the shape allows: a sensible untuned choice."""
     for vec, tx, rows in itertools.product(vecs, txs, (4, 8, 16, 2, 1)):
-        knobs = {"rows": rows, "tx": tx, "vec": vec, "unroll": 1, "x_scope": "global", "k_loop": "serial",
-                 "rows_per_thread": 1, **fixed}
+        knobs = {"rows": rows, "tx": tx, "vec": vec, "unroll": 1, "x_scope": "global", "k_loop": "serial", **fixed}
         if tpl.check(wl, knobs, target) is None:
             return knobs
     raise ValueError(f"{tpl.name}: no valid knobs for {wl}")
@@ -45,11 +38,11 @@ def default_gpu_knobs(tpl, wl: dict, target, vecs: tuple, txs: tuple, **fixed) -
 def check_gpu(knobs: dict, out_rows: int, row_loads: int, batch: int, K: int, load_unit: str) -> str | None:
     """Why the GPU schedule cannot take these knobs, or None. `row_loads`: elements a row is
     loaded in (`load_unit` names them: packed words, fp16 values)."""
-    threads, own = knobs["rows"] * knobs["tx"], knobs.get("rows_per_thread", 1)
+    threads = knobs["rows"] * knobs["tx"]
     if not 32 <= threads <= 1024:
         return f"{threads} threads per block"
-    if out_rows % (knobs["rows"] * own):
-        return "rows * rows_per_thread must divide the output rows"
+    if out_rows % knobs["rows"]:
+        return "rows must divide the output rows"
     if row_loads % knobs["vec"]:
         return f"vec must divide {load_unit}"
     # A step that does not divide the row leaves a last, partial step: TVM guards it with a
@@ -62,8 +55,6 @@ def check_gpu(knobs: dict, out_rows: int, row_loads: int, batch: int, K: int, lo
         return "activation does not fit 48 KB of shared memory"
     if knobs["k_loop"] == "unrolled" and -(-row_loads // step) > MAX_UNROLLED_STEPS:
         return f"more than {MAX_UNROLLED_STEPS} steps of K to unroll"
-    if own > 1 and own * knobs["vec"] * knobs["unroll"] > MAX_WEIGHT_LOADS:
-        return f"rows_per_thread * vec * unroll over {MAX_WEIGHT_LOADS} {load_unit} elements in registers"
     return None
 
 
@@ -74,27 +65,25 @@ def check_cpu(knobs: dict, out_rows: int, K: int) -> str | None:
 
 
 def schedule_gemv_gpu(sch, weight: str, rows: int, tx: int, vec: int, unroll: int, x_scope: str,
-                      per_step: int, k_loop: str = "serial", rows_per_thread: int = 1) -> None:
-    """Threads (tx) along K, `rows` threads of `rows_per_thread` output rows each per block; `vec`
-    weight elements of the buffer `weight` per load; `per_step` reduction steps per loaded element;
-    `k_loop` (K_LOOPS)."""
+                      per_step: int, k_loop: str = "serial") -> None:
+    """Threads (tx) along K, `rows` output rows per block; `vec` weight elements of the
+    buffer `weight` per load; `per_step` reduction steps per loaded element; `k_loop` (K_LOOPS)."""
     gemv = sch.get_sblock("gemv")
     b, i, *pair, k = sch.get_loops(gemv)
-    bx, ty, *own = sch.split(i, [None, rows, rows_per_thread] if rows_per_thread > 1 else [None, rows])
+    bx, ty = sch.split(i, [None, rows])
     # A warp's threads read neighbouring vec-element chunks of a row: coalesced loads.
     ko, ku, tx_, ke = sch.split(k, [None, unroll, tx, vec * per_step])
     # The pair outside the loads (its two rows are far apart: one cached region each would span
-    # the rows between), b innermost: each decoded weight serves every batch row. A thread's own
-    # neighbouring rows inside the loads: one step's x serves them all.
-    sch.reorder(bx, ty, tx_, ko, *pair, ku, *own, ke, b)
+    # the rows between), b innermost: each decoded weight serves every batch row.
+    sch.reorder(bx, ty, tx_, ko, *pair, ku, ke, b)
     rf = sch.rfactor(tx_, factor_axis=0)     # per-thread partial sums
     bx, ty, tx_, ko, *rest = sch.get_loops(rf)
-    pair, (ku, *inner) = rest[:len(pair)], rest[len(pair):]
+    pair, (ku, ke, *inner) = rest[:len(pair)], rest[len(pair):]
     inner = [*pair, *inner]
     sch.bind(bx, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx_, "threadIdx.x")
-    for loop in (ku, *inner):
+    for loop in (ku, ke, *inner):
         # Unrolled: partial sums indexed by constants stay in registers, not local memory.
         sch.unroll(loop)
     if k_loop == "unrolled":

@@ -16,8 +16,8 @@ from tvm import s_tir
 from tvm.script import tirx as T
 
 from . import register
-from .gemv_schedule import (CPU_DEFAULT, CPU_KNOBS, K_LOOPS, ROWS_PER_THREAD, check_cpu, check_gpu,
-                            default_gpu_knobs, schedule_gemv_cpu, schedule_gemv_gpu)
+from .gemv_schedule import (CPU_DEFAULT, CPU_KNOBS, K_LOOPS, check_cpu, check_gpu, default_gpu_knobs,
+                            schedule_gemv_cpu, schedule_gemv_gpu)
 from .template import Template, target_is_gpu
 
 GROUP = 32
@@ -117,7 +117,6 @@ class Q4Gemv(Template):
         "x_scope": ["shared", "global"],   # where the activation vector is read from
         "decode": ["f32", "f16x2"],        # per-weight fp32 math, or two weights per half2 op (CUDA)
         "k_loop": K_LOOPS,                 # K steps in a loop, or unrolled: all loads issued at once
-        "rows_per_thread": ROWS_PER_THREAD,  # output rows one thread computes, sharing its x loads
     }
     cpu_knobs = CPU_KNOBS
 

@@ -57,7 +57,7 @@ def test_knob_validation():
     tpl = get_template("q4f16_1_gemv")
     tpl.validate_knobs({"rows": 4, "lanes": 16, "unroll": 1})
     tpl.validate_knobs({"rows": 4, "tx": 32, "vec": 4, "unroll": 1, "x_scope": "global", "decode": "f16x2",
-                        "k_loop": "serial", "rows_per_thread": 2})
+                        "k_loop": "serial"})
     with pytest.raises(KnobError, match="not one of"):
         tpl.validate_knobs({"rows": 3, "lanes": 16, "unroll": 1})
     with pytest.raises(KnobError, match="missing"):
@@ -151,26 +151,3 @@ def test_unrolled_k_loop_issues_every_step_without_a_loop():
     assert "for (int k_0 = 0; k_0 < 8; ++k_0)" in src["serial"]
     assert "k_0" not in src["unrolled"] and src["unrolled"].count("st_q4_dot8(wq_local") == 16
     assert "steps of K" in tpl.check(as_workload("q4f16_1_gemv", 1, 512, 8192), {**knobs, "k_loop": "unrolled"}, target)
-
-
-def test_rows_per_thread_shares_one_x_load_among_a_threads_rows():
-    """rows_per_thread=R: a thread loads R rows' weights per step but the step's activations once,
-    and writes R outputs; R must divide the block's rows and keep the loads within registers."""
-    tpl = get_template("q4f16_1_gemv_residual")
-    target = target_of(get_arch("sm_90"))
-    knobs = {"rows": 2, "tx": 32, "vec": 2, "unroll": 2, "x_scope": "global", "decode": "f16x2", "k_loop": "serial"}
-    wl = as_workload("q4f16_1_gemv_residual", 1, 1024, 4096)
-    src = {}
-    for own in (1, 2, 4):
-        assert tpl.check(wl, {**knobs, "rows_per_thread": own}, target) is None
-        with target:
-            mod = tvm.compile(tpl.schedule(wl, {**knobs, "rows_per_thread": own}, target), target=target)
-        src[own] = mod.mod.imports[0].inspect_source()
-    for own in (1, 2, 4):
-        assert f"uint wq_local_ptr[{2 * own}];" in src[own] and "half x_local_ptr[16];" in src[own]
-        assert src[own].count("st_q4_dot8(wq_local") == 2 * 2 * own       # unroll * vec * rows
-        assert src[own].count("*(uint4*)(x_ptr") == src[1].count("*(uint4*)(x_ptr")
-    assert "blockIdx.x) * 8) + (((int)threadIdx.y) * 4))" in src[4]      # 2 threads of 4 rows a block
-    assert "must divide the output rows" in tpl.check(as_workload("q4f16_1_gemv", 1, 1000, 4096),
-                                                      {**knobs, "rows_per_thread": 4, "rows": 4}, target)
-    assert "registers" in tpl.check(wl, {**knobs, "rows_per_thread": 4, "rows": 4, "tx": 8, "vec": 4, "unroll": 4}, target)
