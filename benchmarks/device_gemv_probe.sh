@@ -1,0 +1,27 @@
+#!/bin/bash
+# Probes of the tuned GEMVs on one H100 (run from the checkout, .device staged):
+#   loads:    text edits of the generated CUDA timed in one run (gemv_source_probe.py), then Nsight
+#             Compute's full set of one launch of each variant of two shapes (cold caches, clocks as
+#             they are) into $OUT/ncu_loads.tgz
+#   dot8:     the byte-pair st_q4_dot8 against TVM's code on every shape of issue 3's bars, then ncu
+#   prefetch: the knob `prefetch` against each shape's record, same run (gemv_knob_probe.py)
+# Usage: bash benchmarks/device_gemv_probe.sh loads|dot8|prefetch
+source benchmarks/device_env.sh || exit 3
+echo "device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)  date: $(date -u +%FT%TZ)" | tee -a "$OUT/run.log"
+P="python3 benchmarks/gemv_source_probe.py database/reference/sm_90.jsonl"
+case $1 in
+loads) TAIL=40 step timeout 300 $P --json "$OUT/source_probe.json"; V=orig,w_cs,w_na,ws_cs ;;
+dot8) TAIL=60 step timeout 400 $P --shapes-all --variants orig,dot8_w --json "$OUT/dot8_probe.json"; V=orig,dot8_w ;;
+prefetch) TAIL=40 step timeout 540 python3 benchmarks/gemv_knob_probe.py database/reference/sm_90.jsonl --builders 15 --rounds 2 \
+            --json "$OUT/prefetch_probe.json"; exit ;;
+*) echo "usage: $0 loads|dot8|prefetch"; exit 2 ;;
+esac
+N=/tmp/ncu; mkdir -p $N
+for shape in 8192x7168 8192x11008; do
+  # each variant's one untimed launch follows a fill of its output: profile the GEMV kernels only
+  TAIL=3 step timeout 200 ncu --clock-control none --cache-control all --set full -k regex:gemv -f -o $N/$shape \
+    $P --shapes $shape --variants $V --once --json /tmp/once.json
+  ncu --import $N/$shape.ncu-rep --page details > $N/$shape.details.txt 2>&1
+done
+grep -E "gemv_kernel|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|Executed Instructions  " $N/*.details.txt | head -60
+tar -czf "$OUT/ncu_$1.tgz" -C $N .

@@ -1,0 +1,109 @@
+"""What a new GEMV knob is worth, on the local GPU: for each q4f16_1 GEMV shape of issue 3's bars, the
+database's best knobs (the new knob at its first value, the schedule as it was) against variants of
+them that use the knob, all built once and measured in the same run, in alternating rounds. Writes
+JSON with the device, date and command. The knob now: `prefetch` (`rows_per_thread` before it, in
+git history, results/2026-11-27-rows-per-thread/).
+
+    python3 benchmarks/gemv_knob_probe.py database/reference/sm_90.jsonl --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import statistics
+import sys
+
+from gemv_bars import rows as bar_rows
+
+from shardtune.database.reference import open_any
+from shardtune.kernels import get_template
+from shardtune.tuner.measure import Bench
+from shardtune.tuner.targets import get_arch, target_of
+
+
+KNOB = "prefetch"
+
+
+def variants(tpl, wl: dict, best: dict, target) -> list[dict]:
+    """The best knobs as they are; then with one load a step (prefetch takes unroll 1), without and
+    with prefetch, at the record's loads and threads, 16-byte loads, and the record's step width
+    (tx * unroll threads)."""
+    out = [{**best, KNOB: 0}]
+    for vec in dict.fromkeys((best["vec"], 4)):
+        for tx in dict.fromkeys((best["tx"], min(128, best["tx"] * best["unroll"]))):
+            for prefetch in (0, 1):
+                knobs = {**best, KNOB: prefetch, "unroll": 1, "vec": vec, "tx": tx}
+                if knobs not in out and tpl.check(wl, knobs, target) is None:
+                    out.append(knobs)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("db")
+    ap.add_argument("--device", default="H100", help="records measured on this GPU (part of its name)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--builders", type=int)
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args()
+    arch = get_arch("sm_90")
+    target = target_of(arch)
+    jobs = []
+    for row in bar_rows(open_any(a.db), a.device):
+        if "knobs" not in row:
+            continue
+        tpl = get_template(row["template"])
+        wl = {"batch": 1, "N": row["N"], "K": row["K"], "quant": "q4f16_1"}
+        for knobs in variants(tpl, wl, row["knobs"], target):
+            jobs.append((row, tpl, wl, knobs))
+    bench = Bench(arch.target, "cuda", builders=a.builders)
+    try:
+        copy = bench.copy_bandwidth()
+        bench.ceiling_gbps = copy
+        times = [[] for _ in jobs]
+        for r in range(a.rounds):
+            order = list(range(len(jobs)))[::(-1 if r % 2 else 1)]
+            # Artifacts are removed once measured: build each round anew.
+            built = bench.build_each([(t.name, wl, k) for _, t, wl, k in (jobs[i] for i in order)])
+            ms = bench.measure_many([(p, jobs[i][1].name, jobs[i][2]) for i, (p, _) in zip(order, built) if p])
+            it = iter(ms)
+            for i, (p, err) in zip(order, built):
+                m = next(it) if p else None
+                if m is not None and m.ok:
+                    times[i].append(m.latency_us)
+                elif r == 0:
+                    print(f"{jobs[i][1].name} {jobs[i][3]}: {err or m.error}", file=sys.stderr)
+            print(f"round {r + 1} of {a.rounds}", file=sys.stderr)
+        device = __import__("tvm").runtime.device("cuda", 0).device_name
+    finally:
+        bench.close()
+    shapes: dict = {}
+    jobs_first = {}
+    for (row, tpl, wl, knobs), ts in zip(jobs, times):
+        jobs_first.setdefault(f"{tpl.name} {row['N']}x{row['K']}", knobs)
+        key = f"{tpl.name} {row['N']}x{row['K']}"
+        entry = shapes.setdefault(key, {"template": tpl.name, "N": row["N"], "K": row["K"],
+                                        "matrix_mb": row["matrix_mb"], "bar_pct": row["bar_pct"], "variants": []})
+        if ts:
+            us = statistics.median(ts)
+            entry["variants"].append({"knobs": knobs, "us": us, "runs": ts,
+                                      "pct": 100 * tpl.bytes_moved(wl) / (us * 1e-6) / 1e9 / copy})
+    print(f"{'kernel':34s} {'record':>8s} {'best us':>8s} {'gain':>6s} {'% copy':>7s}  best knobs")
+    for key, e in shapes.items():
+        if not e["variants"] or e["variants"][0]["knobs"] != jobs_first[key]:
+            continue   # the record's own knobs failed: nothing to compare with
+        base, best = e["variants"][0], min(e["variants"], key=lambda v: v["us"])
+        e["gain"] = base["us"] / best["us"]
+        changed = {k: v for k, v in best["knobs"].items() if base["knobs"].get(k) != v}
+        print(f"{key:34s} {base['us']:8.2f} {best['us']:8.2f} {e['gain']:6.3f} {best['pct']:6.1f}%  {changed or 'the record'}")
+    with open(a.json, "w") as f:
+        json.dump({"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                   "command": " ".join(shlex.quote(x) for x in ["python3", *sys.argv]), "copy_gbps": copy,
+                   "rounds": a.rounds, "shapes": list(shapes.values())}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

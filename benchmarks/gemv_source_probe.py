@@ -1,0 +1,190 @@
+"""Which change to a tuned GEMV's generated CUDA would make it faster? On the local GPU: the best
+H100 record of some q4f16_1 GEMV shapes, built by TVM, its CUDA source edited by text and compiled
+by nvcc, every variant timed the way the tuner times (back to back in a CUDA graph over rotating
+copies, cold L2) in the same run, its output compared with the unedited kernel's:
+
+  orig      the source as TVM generates it
+  w_cs      weight loads as `ld.global.cs` (evict first: the weights are read once; x, read by
+            every block, keeps L1)
+  w_na      weight loads as `ld.global.nc.L1::no_allocate`
+  ws_cs     weight and scale loads as `ld.global.cs`
+  dot8_w    `st_q4_dot8` pairing nibbles 2m, 2m+1 (one byte_perm of the weight word) with the x pair
+            (x[2m], x[2m+1]) that sits in one register already, instead of nibbles i, i+4 with a
+            byte_perm of x: 16 instructions a word instead of 19 (the output differs in rounding)
+
+A probe, not a schedule: what pays goes into the templates. Needs torch and CuPy. With --once, each
+variant runs once and is not timed: for Nsight Compute (`ncu --launch-count 4`), which profiles
+every launch.
+
+    python3 benchmarks/gemv_source_probe.py database/reference/sm_90.jsonl --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import shlex
+import sys
+import tempfile
+
+import numpy as np
+
+import graph_timing   # beside this script
+from gemv_bars import rows as bar_rows
+
+SHAPES = ["8192x7168", "8192x11008", "8000x8192", "10240x8192", "8192x8192", "11008x8192", "5120x8192",
+          "8192x5504", "8192x28672"]
+ROTATE_BYTES = 400e6
+NO_ALLOCATE = r"""
+__device__ __forceinline__ uint ld_na(const uint* p) {
+  uint v; asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p)); return v; }
+__device__ __forceinline__ uint2 ld_na(const uint2* p) {
+  uint2 v; asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p)); return v; }
+__device__ __forceinline__ uint4 ld_na(const uint4* p) {
+  uint4 v; asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p)); return v; }
+"""
+
+
+def _closing(src: str, i: int, pair: str) -> int:
+    """Index of the bracket closing the one at src[i]."""
+    depth = 0
+    for j in range(i, len(src)):
+        depth += (src[j] == pair[0]) - (src[j] == pair[1])
+        if depth == 0:
+            return j
+    raise ValueError("unbalanced")
+
+
+def wrap_loads(src: str, buf: str, fn: str) -> str:
+    """Every read of `buf` (`*(T*)(buf + e)` or `buf[e]`) as `fn((const T*)(buf + e))`."""
+    out, i = [], 0
+    pattern = re.compile(r"\*\((\w+)\*\)\(" + buf + r" \+|\b" + buf + r"\[")
+    while (m := pattern.search(src, i)) is not None:
+        out.append(src[i:m.start()])
+        if m.group(1):        # *(T*)(buf + e): the parenthesis opened at the end of "*(T*)("
+            open_at = m.start() + len(f"*({m.group(1)}*)")
+            end = _closing(src, open_at, "()")
+            out.append(f"{fn}((const {m.group(1)}*){src[open_at:end + 1]})")
+        else:                 # buf[e]
+            open_at = m.end() - 1
+            end = _closing(src, open_at, "[]")
+            out.append(f"{fn}({buf} + ({src[open_at + 1:end]}))")
+        i = end + 1
+    return "".join(out) + src[i:]
+
+
+DOT8_BYTE_PAIRS = r"""
+__device__ __forceinline__ float st_q4_dot8(unsigned int w, half x0, half x1, half x2, half x3,
+                                            half x4, half x5, half x6, half x7) {
+  // byte m of w in both halves; low nibble of the low half, high nibble of the high half:
+  // halves 1024 + q and 1024 + 16 q, then (q - 7) = v * (1, 1/16) - (1031, 71)
+  const half2 xs[4] = {__halves2half2(x0, x1), __halves2half2(x2, x3), __halves2half2(x4, x5),
+                       __halves2half2(x6, x7)};
+  const half2 mul = __halves2half2(__ushort_as_half(0x3C00), __ushort_as_half(0x2C00));   // 1, 1/16
+  const half2 sub = __halves2half2(__ushort_as_half(0xE407), __ushort_as_half(0xD470));   // -1031, -71
+  half2 acc = __float2half2_rn(0.0f);
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    unsigned int bits = (__byte_perm(w, 0u, 0x4040 + 0x101 * m) & 0x00F0000Fu) | 0x64006400u;
+    half2 q = __hfma2(*reinterpret_cast<half2*>(&bits), mul, sub);
+    acc = __hfma2(xs[m], q, acc);
+  }
+  return __low2float(acc) + __high2float(acc);
+}
+"""
+
+
+def variants(src: str) -> dict[str, str]:
+    at = src.find('extern "C" __global__')
+    with_na = src[:at] + NO_ALLOCATE + src[at:]
+    return {"orig": src, "w_cs": wrap_loads(src, "wq_ptr", "__ldcs"), "w_na": wrap_loads(with_na, "wq_ptr", "ld_na"),
+            "ws_cs": wrap_loads(wrap_loads(src, "wq_ptr", "__ldcs"), "scale_ptr", "__ldcs"),
+            "dot8_w": with_helper(src, DOT8_BYTE_PAIRS)}
+
+
+def with_helper(src: str, helper: str) -> str:
+    """`src` with its st_q4_dot8 definition replaced by `helper`."""
+    start = src.find("__device__ __forceinline__ float st_q4_dot8(")
+    end = src.find("\n}\n", start) + 3
+    return src[:start] + helper.strip() + "\n" + src[end:]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("db")
+    ap.add_argument("--device", default="H100")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="NxK, comma-separated")
+    ap.add_argument("--variants", default="orig,w_cs,w_na,ws_cs,dot8_w", help="comma-separated, orig first")
+    ap.add_argument("--shapes-all", action="store_true", help="every shape of issue 3's bars")
+    ap.add_argument("--once", action="store_true", help="run each variant once, untimed (for ncu)")
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args()
+    import cupy as cp
+    import torch
+    import tvm
+    from tvm.support import nvcc
+
+    from shardtune.database.reference import open_any
+    from shardtune.kernels import get_template
+    from shardtune.tuner.measure import generated_source
+    from shardtune.tuner.targets import get_arch, target_of
+
+    target = target_of(get_arch("sm_90"))
+    stream = torch.cuda.Stream()
+    cs = cp.cuda.ExternalStream(stream.cuda_stream)
+    wanted = a.shapes.split(",")
+    out = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.UTC).isoformat(),
+           "command": " ".join(shlex.quote(x) for x in ["python3", *sys.argv]), "shapes": []}
+    for row in bar_rows(open_any(a.db), a.device):
+        if (f"{row['N']}x{row['K']}" not in wanted and not a.shapes_all) or "knobs" not in row:
+            continue
+        tpl, knobs = get_template(row["template"]), row["knobs"]
+        wl = {"batch": 1, "N": row["N"], "K": row["K"], "quant": "q4f16_1"}
+        with target:
+            src = generated_source(tvm.compile(tpl.schedule(wl, knobs, target), target=target))
+        name = re.search(r'extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)\(', src).group(1)
+        params = re.findall(r"(\w+)_ptr[,)]", src[src.find(name + "("):src.find("{", src.find(name + "("))])
+        inputs = dict(zip(["x", "wq", "scale", *(["residual"] if tpl.epilogue == "residual" else []), "y"],
+                          tpl.inputs(wl, np.random.default_rng(0))))
+        size = sum(v.nbytes for v in inputs.values())
+        copies = max(2, int(np.ceil(ROTATE_BYTES / size)))
+        sets = [{k: torch.from_numpy(v.view(np.int32) if v.dtype == np.uint32 else v).cuda() for k, v in inputs.items()}
+                for _ in range(copies)]
+        outputs = tpl.outputs(wl)
+        grid, block = (outputs // (knobs["rows"] * knobs.get("rows_per_thread", 1)),), (knobs["tx"], knobs["rows"])
+        entry = {"template": tpl.name, "N": row["N"], "K": row["K"], "knobs": knobs, "record_us": row["us"],
+                 "bytes": tpl.bytes_moved(wl), "variants": {}}
+        reference = None
+        for vname, code in ((v, c) for v, c in variants(src).items() if v in a.variants.split(",")):
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f, target:   # nvcc's -arch: the target's
+                f.write(nvcc.compile_cuda(code, target_format="cubin", compiler="nvcc"))
+                f.flush()
+                fn = cp.RawModule(path=f.name).get_function(name)
+
+            def body(i, fn=fn):
+                with cs:
+                    fn(grid, block, tuple(sets[i][p].data_ptr() for p in params))
+
+            sets[0]["y"].fill_(float("nan"))
+            body(0)
+            torch.cuda.synchronize()
+            result = sets[0]["y"].cpu().numpy()
+            reference = result if reference is None else reference
+            ref64, res64 = reference.astype(np.float64), result.astype(np.float64)
+            rel = float(np.linalg.norm(res64 - ref64) / np.linalg.norm(ref64)) if np.isfinite(res64).all() else float("inf")
+            us = float("nan") if a.once else graph_timing.graph_us(body, copies, stream, rounds=2)
+            entry["variants"][vname] = {"us": us, "rel_error_vs_orig": rel}
+            print(f"{tpl.name:24s} {row['N']:6d}x{row['K']:<6d} {vname:6s} {us:7.2f} us"
+                  f" (record {row['us']:.2f})  rel. error against orig {rel:.1e}", flush=True)
+        out["shapes"].append(entry)
+        sets.clear()
+        torch.cuda.empty_cache()
+    with open(a.json, "w") as f:
+        json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
