@@ -9,8 +9,8 @@ from tvm import s_tir
 from tvm.script import tirx as T
 
 from . import register
-from .gemv_schedule import (CPU_DEFAULT, CPU_KNOBS, K_LOOPS, PREFETCH, check_cpu, check_gpu,
-                            default_gpu_knobs, schedule_gemv_cpu, schedule_gemv_gpu)
+from .gemv_schedule import (CPU_DEFAULT, CPU_KNOBS, K_LOOPS, check_cpu, check_gpu, default_gpu_knobs,
+                            schedule_gemv_cpu, schedule_gemv_gpu)
 from .template import Template, target_is_gpu
 
 
@@ -24,7 +24,6 @@ class F16Gemv(Template):
         "unroll": [1, 2, 4, 8],            # weight loads per thread per step, kept in flight
         "x_scope": ["shared", "global"],   # where the activation vector is read from
         "k_loop": K_LOOPS,                 # K steps in a loop, or unrolled: all loads issued at once
-        "prefetch": PREFETCH,              # the next K step's weights loaded during this one's math
     }
     cpu_knobs = CPU_KNOBS
 

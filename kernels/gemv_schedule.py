@@ -25,18 +25,11 @@ CPU_KNOBS = {
 K_LOOPS = ["serial", "unrolled"]
 MAX_UNROLLED_STEPS = 8   # code size and registers
 
-#: Whether a thread loads the next K step's weights and scales while it computes this one
-#: (TVM's software pipeline over the K loop, registers double-buffered). Nsight Compute on the
-#: tuned 8192x7168 GEMV (H100): 64% of DRAM bandwidth, warps stalled on their loads for 71% of
-#: their cycles, issue slots 45% busy (2026-11-27-gemv-probes/). First value: the schedule as it was.
-PREFETCH = [0, 1]
-
 
 def default_gpu_knobs(tpl, wl: dict, target, vecs: tuple, txs: tuple, **fixed) -> dict:
     """The widest loads and rows the shape allows: a sensible untuned choice."""
     for vec, tx, rows in itertools.product(vecs, txs, (4, 8, 16, 2, 1)):
-        knobs = {"rows": rows, "tx": tx, "vec": vec, "unroll": 1, "x_scope": "global", "k_loop": "serial",
-                 "prefetch": 0, **fixed}
+        knobs = {"rows": rows, "tx": tx, "vec": vec, "unroll": 1, "x_scope": "global", "k_loop": "serial", **fixed}
         if tpl.check(wl, knobs, target) is None:
             return knobs
     raise ValueError(f"{tpl.name}: no valid knobs for {wl}")
@@ -60,9 +53,6 @@ def check_gpu(knobs: dict, out_rows: int, row_loads: int, batch: int, K: int, lo
         return f"tx * vec * unroll must fit {load_unit} at least twice"
     if knobs["x_scope"] == "shared" and batch * K * 2 > 48 * 1024:
         return "activation does not fit 48 KB of shared memory"
-    if knobs.get("prefetch") and (knobs["k_loop"] == "unrolled" or knobs["unroll"] > 1):
-        # unroll > 1: a step's loads of a thread are tx * vec apart; one cache would span the gaps
-        return "prefetch takes a K loop (k_loop serial) of one load a step (unroll 1)"
     if knobs["k_loop"] == "unrolled" and -(-row_loads // step) > MAX_UNROLLED_STEPS:
         return f"more than {MAX_UNROLLED_STEPS} steps of K to unroll"
     return None
@@ -75,10 +65,9 @@ def check_cpu(knobs: dict, out_rows: int, K: int) -> str | None:
 
 
 def schedule_gemv_gpu(sch, weight: str, rows: int, tx: int, vec: int, unroll: int, x_scope: str,
-                      per_step: int, k_loop: str = "serial", prefetch: int = 0, scale: str | None = None) -> None:
+                      per_step: int, k_loop: str = "serial") -> None:
     """Threads (tx) along K, `rows` output rows per block; `vec` weight elements of the
-    buffer `weight` per load; `per_step` reduction steps per loaded element; `k_loop` (K_LOOPS);
-    `prefetch` (PREFETCH) the weights and the buffer `scale` (if any) one K step ahead."""
+    buffer `weight` per load; `per_step` reduction steps per loaded element; `k_loop` (K_LOOPS)."""
     gemv = sch.get_sblock("gemv")
     b, i, *pair, k = sch.get_loops(gemv)
     bx, ty = sch.split(i, [None, rows])
@@ -103,24 +92,9 @@ def schedule_gemv_gpu(sch, weight: str, rows: int, tx: int, vec: int, unroll: in
 
     names = [r.source.name for r in sch.get(rf).reads]
     wl = sch.cache_read(rf, names.index(weight), "local")   # vec elements per load, into registers
-    # Prefetching: the step's weights (and scales) all loaded at the K loop's level, as its first stage.
-    sch.compute_at(wl, ko if prefetch else ku)
+    sch.compute_at(wl, ku)
     if vec > 1:  # at vec=1 the copy has no loop of its own to vectorize
         sch.vectorize(sch.get_loops(wl)[-1])
-    if prefetch:
-        def inside_ko(block):
-            loops = sch.get_loops(block)
-            return loops[[sch.get(lp).same_as(sch.get(ko)) for lp in loops].index(True) + 1:]
-
-        for loop in inside_ko(wl)[:-1 if vec > 1 else None]:
-            sch.unroll(loop)
-        stage0 = [wl]
-        if scale is not None:
-            sl = sch.cache_read(rf, names.index(scale), "local")
-            sch.compute_at(sl, ko)
-            for loop in inside_ko(sl):
-                sch.unroll(loop)
-            stage0.append(sl)
     if x_scope == "shared":
         xs = sch.cache_read(rf, names.index("x"), "shared")
         sch.compute_at(xs, bx)
@@ -133,10 +107,6 @@ def schedule_gemv_gpu(sch, weight: str, rows: int, tx: int, vec: int, unroll: in
     sch.compute_at(xl, ku)
     x_elems = sch.get(sch.get_loops(xl)[-1]).extent
     sch.vectorize(sch.split(sch.get_loops(xl)[-1], [None, min(8, int(x_elems))])[1])
-
-    if prefetch:
-        sch.annotate(ko, "software_pipeline_stage", [0] * len(stage0) + [1])
-        sch.annotate(ko, "software_pipeline_order", list(range(len(stage0) + 1)))
 
     sch.reverse_compute_at(gemv, ty)          # cross-thread sum over tx (warp shuffles)
     tx_r, *rest = sch.get_loops(gemv)[2:]     # the reduction over tx, then batch/pair loops

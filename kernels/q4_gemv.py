@@ -16,8 +16,8 @@ from tvm import s_tir
 from tvm.script import tirx as T
 
 from . import register
-from .gemv_schedule import (CPU_DEFAULT, CPU_KNOBS, K_LOOPS, PREFETCH, check_cpu, check_gpu,
-                            default_gpu_knobs, schedule_gemv_cpu, schedule_gemv_gpu)
+from .gemv_schedule import (CPU_DEFAULT, CPU_KNOBS, K_LOOPS, check_cpu, check_gpu, default_gpu_knobs,
+                            schedule_gemv_cpu, schedule_gemv_gpu)
 from .template import Template, target_is_gpu
 
 GROUP = 32
@@ -117,7 +117,6 @@ class Q4Gemv(Template):
         "x_scope": ["shared", "global"],   # where the activation vector is read from
         "decode": ["f32", "f16x2"],        # per-weight fp32 math, or two weights per half2 op (CUDA)
         "k_loop": K_LOOPS,                 # K steps in a loop, or unrolled: all loads issued at once
-        "prefetch": PREFETCH,              # the next K step's weights loaded during this one's math
     }
     cpu_knobs = CPU_KNOBS
 
@@ -135,8 +134,6 @@ class Q4Gemv(Template):
             return check_cpu(knobs, self.outputs(wl), wl["K"])
         if knobs["decode"] == "f16x2" and target.kind.name != "cuda":
             return "f16x2 decode is CUDA C"
-        if knobs.get("prefetch") and self.epilogue == "silu_mul":
-            return "prefetch would cache both rows of a pair, and every row between"
         return check_gpu(knobs, self.outputs(wl), wl["K"] // 8, wl["batch"], wl["K"], "K / 8")
 
     def default_knobs(self, wl, target):
@@ -151,7 +148,7 @@ class Q4Gemv(Template):
             sch.compute_inline(sch.get_sblock("decode"))
         if target_is_gpu(target):
             gpu = {k: v for k, v in knobs.items() if k != "decode"}
-            schedule_gemv_gpu(sch, "wq", per_step=8 if decode == "f32" else 1, scale="scale", **gpu)
+            schedule_gemv_gpu(sch, "wq", per_step=8 if decode == "f32" else 1, **gpu)
         else:
             schedule_gemv_cpu(sch, **knobs)
         return sch.mod

@@ -57,7 +57,7 @@ def test_knob_validation():
     tpl = get_template("q4f16_1_gemv")
     tpl.validate_knobs({"rows": 4, "lanes": 16, "unroll": 1})
     tpl.validate_knobs({"rows": 4, "tx": 32, "vec": 4, "unroll": 1, "x_scope": "global", "decode": "f16x2",
-                        "k_loop": "serial", "prefetch": 1})
+                        "k_loop": "serial"})
     with pytest.raises(KnobError, match="not one of"):
         tpl.validate_knobs({"rows": 3, "lanes": 16, "unroll": 1})
     with pytest.raises(KnobError, match="missing"):
@@ -151,26 +151,3 @@ def test_unrolled_k_loop_issues_every_step_without_a_loop():
     assert "for (int k_0 = 0; k_0 < 8; ++k_0)" in src["serial"]
     assert "k_0" not in src["unrolled"] and src["unrolled"].count("st_q4_dot8(wq_local") == 16
     assert "steps of K" in tpl.check(as_workload("q4f16_1_gemv", 1, 512, 8192), {**knobs, "k_loop": "unrolled"}, target)
-
-
-def test_prefetch_loads_the_next_steps_weights_and_scales_before_this_steps_math():
-    """prefetch=1: TVM's software pipeline over the K loop, two register copies of a step's weights
-    and scale; the loads of step k + 1 come before step k's math. Refused where one cache would
-    span other threads' words (unroll > 1) or the rows between a gate/up pair."""
-    tpl = get_template("q4f16_1_gemv_residual")
-    target = target_of(get_arch("sm_90"))
-    knobs = {"rows": 2, "tx": 16, "vec": 2, "unroll": 1, "x_scope": "global", "decode": "f16x2", "k_loop": "serial"}
-    wl = as_workload("q4f16_1_gemv_residual", 1, 1024, 7168)      # 896 words a row: 28 steps of 32
-    src = {}
-    for prefetch in (0, 1):
-        assert tpl.check(wl, {**knobs, "prefetch": prefetch}, target) is None
-        with target:
-            mod = tvm.compile(tpl.schedule(wl, {**knobs, "prefetch": prefetch}, target), target=target)
-        src[prefetch] = mod.mod.imports[0].inspect_source()
-    assert "uint wq_local_ptr[2];" in src[0] and "scale_local" not in src[0]
-    assert "uint wq_local_ptr[4];" in src[1] and "half scale_local_ptr[2];" in src[1]
-    loop = src[1][src[1].index("for (int k_0 = 0; k_0 < 27; ++k_0)"):]
-    assert loop.index("wq_local_ptr + (((k_0 + 1) & 1) * 2)) = ") < loop.index("st_q4_dot8(wq_local_ptr[((k_0 & 1) * 2)]")
-    for bad in ({**knobs, "prefetch": 1, "unroll": 2}, {**knobs, "prefetch": 1, "k_loop": "unrolled"}):
-        assert "prefetch takes" in tpl.check(wl, bad, target)
-    assert "pair" in get_template("q4f16_1_gemv_silu_mul").check(wl, {**knobs, "prefetch": 1}, target)
