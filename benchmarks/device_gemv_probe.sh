@@ -4,17 +4,18 @@
 #             Compute's full set of one launch of each variant of two shapes (cold caches, clocks as
 #             they are) into $OUT/ncu_loads.tgz
 #   dot8:     the byte-pair st_q4_dot8 against TVM's code on every shape of issue 3's bars, then ncu
-#   prefetch: the knob `prefetch` against each shape's record, same run (gemv_knob_probe.py)
-# Usage: bash benchmarks/device_gemv_probe.sh loads|dot8|prefetch
+#   knobs:    each shape's record against the changes of knobs in $TRY (gemv_knob_probe.py --try;
+#             FIRST="KNOB=VALUE ..." for a knob the records lack), same run
+# Usage: bash benchmarks/device_gemv_probe.sh loads|dot8|knobs
 source benchmarks/device_env.sh || exit 3
 echo "device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)  date: $(date -u +%FT%TZ)" | tee -a "$OUT/run.log"
 P="python3 benchmarks/gemv_source_probe.py database/reference/sm_90.jsonl"
 case $1 in
 loads) TAIL=40 step timeout 300 $P --json "$OUT/source_probe.json"; V=orig,w_cs,w_na,ws_cs ;;
 dot8) TAIL=60 step timeout 400 $P --shapes-all --variants orig,dot8_w --json "$OUT/dot8_probe.json"; V=orig,dot8_w ;;
-prefetch) TAIL=40 step timeout 540 python3 benchmarks/gemv_knob_probe.py database/reference/sm_90.jsonl --builders 15 --rounds 2 \
-            --json "$OUT/prefetch_probe.json"; exit ;;
-*) echo "usage: $0 loads|dot8|prefetch"; exit 2 ;;
+knobs) TAIL=40 step timeout 540 python3 benchmarks/gemv_knob_probe.py database/reference/sm_90.jsonl --builders 15 \
+         --rounds 2 $(for f in $FIRST; do echo --first $f; done) --try "$TRY" --json "$OUT/knob_probe.json"; exit ;;
+*) echo "usage: $0 loads|dot8|knobs"; exit 2 ;;
 esac
 N=/tmp/ncu; mkdir -p $N
 for shape in 8192x7168 8192x11008; do

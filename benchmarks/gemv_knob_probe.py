@@ -1,10 +1,12 @@
-"""What a new GEMV knob is worth, on the local GPU: for each q4f16_1 GEMV shape of issue 3's bars, the
-database's best knobs (the new knob at its first value, the schedule as it was) against variants of
-them that use the knob, all built once and measured in the same run, in alternating rounds. Writes
-JSON with the device, date and command. The knob now: `prefetch` (`rows_per_thread` before it, in
-git history, results/2026-11-27-rows-per-thread/).
+"""What a (new) GEMV knob is worth, on the local GPU: for each q4f16_1 GEMV shape of issue 3's bars, the
+database's best knobs (a new knob at its first value, `--first`: the schedule as it was) against
+variants of them (`--try`: a JSON list of knob changes, each applied to the record's knobs; a
+variant the template refuses is left out), built and measured in the same run, in alternating
+rounds. Writes JSON with the device, date and command. Used for `prefetch` (65512ff) and, in its
+first form, `rows_per_thread` (0df4ee7): results/2026-11-27-gemv-prefetch/, -rows-per-thread/.
 
-    python3 benchmarks/gemv_knob_probe.py database/reference/sm_90.jsonl --json out.json
+    python3 benchmarks/gemv_knob_probe.py database/reference/sm_90.jsonl --first prefetch=0 \
+        --try '[{"prefetch": 1, "unroll": 1}, {"prefetch": 1, "unroll": 1, "vec": 4}]' --json out.json
 """
 from __future__ import annotations
 
@@ -23,20 +25,13 @@ from shardtune.tuner.measure import Bench
 from shardtune.tuner.targets import get_arch, target_of
 
 
-KNOB = "prefetch"
-
-
-def variants(tpl, wl: dict, best: dict, target) -> list[dict]:
-    """The best knobs as they are; then with one load a step (prefetch takes unroll 1), without and
-    with prefetch, at the record's loads and threads, 16-byte loads, and the record's step width
-    (tx * unroll threads)."""
-    out = [{**best, KNOB: 0}]
-    for vec in dict.fromkeys((best["vec"], 4)):
-        for tx in dict.fromkeys((best["tx"], min(128, best["tx"] * best["unroll"]))):
-            for prefetch in (0, 1):
-                knobs = {**best, KNOB: prefetch, "unroll": 1, "vec": vec, "tx": tx}
-                if knobs not in out and tpl.check(wl, knobs, target) is None:
-                    out.append(knobs)
+def variants(tpl, wl: dict, best: dict, first: dict, changes: list[dict], target) -> list[dict]:
+    """The record's knobs (completed by `first`), then each change applied to them, where valid."""
+    out = [{**first, **best}]
+    for change in changes:
+        knobs = {**out[0], **change}
+        if knobs not in out and tpl.check(wl, knobs, target) is None:
+            out.append(knobs)
     return out
 
 
@@ -44,10 +39,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("db")
     ap.add_argument("--device", default="H100", help="records measured on this GPU (part of its name)")
+    ap.add_argument("--first", action="append", default=[], metavar="KNOB=VALUE",
+                    help="a knob the records lack, at its first value (JSON value)")
+    ap.add_argument("--try", dest="changes", required=True, metavar="JSON", help="a list of knob changes")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--builders", type=int)
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
+    first = {k: json.loads(v) for k, v in (f.split("=", 1) for f in a.first)}
+    changes = json.loads(a.changes)
     arch = get_arch("sm_90")
     target = target_of(arch)
     jobs = []
@@ -56,7 +56,7 @@ def main() -> int:
             continue
         tpl = get_template(row["template"])
         wl = {"batch": 1, "N": row["N"], "K": row["K"], "quant": "q4f16_1"}
-        for knobs in variants(tpl, wl, row["knobs"], target):
+        for knobs in variants(tpl, wl, row["knobs"], first, changes, target):
             jobs.append((row, tpl, wl, knobs))
     bench = Bench(arch.target, "cuda", builders=a.builders)
     try:
