@@ -153,7 +153,7 @@ def main() -> int:
         sets = [{k: torch.from_numpy(v.view(np.int32) if v.dtype == np.uint32 else v).cuda() for k, v in inputs.items()}
                 for _ in range(copies)]
         outputs = tpl.outputs(wl)
-        grid, block = (outputs // (knobs["rows"] * knobs.get("rows_per_thread", 1)),), (knobs["tx"], knobs["rows"])
+        grid, block = (outputs // knobs["rows"],), (knobs["tx"], knobs["rows"])
         entry = {"template": tpl.name, "N": row["N"], "K": row["K"], "knobs": knobs, "record_us": row["us"],
                  "bytes": tpl.bytes_moved(wl), "variants": {}}
         reference = None
