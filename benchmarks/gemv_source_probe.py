@@ -11,6 +11,21 @@ copies, cold L2) in the same run, its output compared with the unedited kernel's
   dot8_w    `st_q4_dot8` pairing nibbles 2m, 2m+1 (one byte_perm of the weight word) with the x pair
             (x[2m], x[2m+1]) that sits in one register already, instead of nibbles i, i+4 with a
             byte_perm of x: 16 instructions a word instead of 19 (the output differs in rounding)
+  hoist     every weight and scale load of an unrolled K loop (k_loop=unrolled) written first, each
+            into a register array of its own, before the math: ptxas otherwise issues only some of
+            them before the first dot product (benchmarks/gemv_sass.py). Kernels whose loads sit
+            in a loop or under a guard are left as they are
+  hoist_dep hoist, and then a store that never happens (its pointer test fails) of all loaded words
+            XORed: ptxas must then issue every load before the math, where it otherwise interleaves
+            them again (gemv_sass.py: 7 of 16 loads before the first use with hoist, 16 with this)
+  l2pf      at its start, one thread of each block asks for the block's rows of weights and scales
+            (contiguous) to be brought into L2 (`cp.async.bulk.prefetch.L2`, sm_90): every byte the
+            block reads is in flight at once, with no register held for it. Not the gate/up GEMV,
+            whose pair rows lie apart
+  persist   one wave of blocks (as many as the SMs hold at once, by registers, threads and shared
+            memory), each looping over row tiles: a block's activation copy to shared memory and
+            its launch serve several tiles, and no partial last wave is left
+  persist2  the same with half a wave of blocks, each looping over twice the tiles
 
 A probe, not a schedule: what pays goes into the templates. Needs torch and CuPy. With --once, each
 variant runs once and is not timed: for Nsight Compute (`ncu --launch-count 4`), which profiles
@@ -96,12 +111,86 @@ __device__ __forceinline__ float st_q4_dot8(unsigned int w, half x0, half x1, ha
 """
 
 
-def variants(src: str) -> dict[str, str]:
+_LOAD = re.compile(r"^( *)(\*\((uint\d?)\*\)\(wq_local_ptr \+ 0\) = \*\(uint\d?\*\)\(wq_ptr \+ (.+)\)|wq_local_ptr\[0\] = wq_ptr\[(.+)\]);$", re.M)
+_INVARIANT = re.compile(r"^[\s\d()+*/%<>&|-]*(?:(?:\(\(int\)(?:threadIdx|blockIdx)\.[xyz]\))[\s\d()+*/%<>&|-]*)*$")
+
+
+def hoist_loads(src: str) -> str | None:
+    """All weight loads of the kernel (one per step of an unrolled K loop), and then its scale loads,
+    moved up to the first weight load's place, each into its own registers; None where a load's
+    address depends on a loop or a load sits under a guard (moving it could read out of bounds)."""
+    loads = list(_LOAD.finditer(src))
+    if len(loads) < 2 or any(src[:m.start()].rstrip().endswith("{") and
+                             src[:m.start()].rstrip().splitlines()[-1].lstrip().startswith(("if", "for"))
+                             for m in loads) or any(len(m.group(1)) != 2 for m in loads):
+        return None
+    if not all(_INVARIANT.match(m.group(4) or m.group(5)) for m in loads):
+        return None
+    words = int(re.search(r"uint wq_local_ptr\[(\d+)\];", src).group(1))
+    head, pieces = src[:loads[0].start()], []
+    hoisted = [f"  alignas(16) uint wq_h{n}[{words}];\n" for n in range(len(loads))]
+    for n, m in enumerate(loads):
+        end = loads[n + 1].start() if n + 1 < len(loads) else len(src)
+        hoisted.append("  " + m.group(2).replace("wq_local_ptr", f"wq_h{n}") + ";\n")
+        pieces.append(src[m.end() + 1:end].replace("wq_local_ptr", f"wq_h{n}"))
+    body = "".join(pieces)
+    scales: dict[str, str] = {}
+
+    def scale(m):
+        if not _INVARIANT.match(m.group(1)):
+            return m.group(0)
+        name = scales.setdefault(m.group(1), f"sc_h{len(scales)}")
+        return name
+    body = re.sub(r"scale_ptr\[([^\[\]]+)\]", scale, body)
+    hoisted += [f"  half {name} = scale_ptr[{expr}];\n" for expr, name in scales.items()]
+    return head + "".join(hoisted) + body
+
+
+def with_load_dependence(hoisted: str) -> str:
+    """`hoisted` (hoist_loads) with every hoisted register read by a store that never runs, placed
+    before the first barrier (or the first math): ptxas cannot sink a load past it."""
+    words = [f"{w}[{j}]" for w, n in re.findall(r"alignas\(16\) uint (wq_h\d+)\[(\d+)\];", hoisted) for j in range(int(n))]
+    scales = [f"(uint)__half_as_ushort({s})" for s in re.findall(r"half (sc_h\d+) = scale_ptr", hoisted)]
+    last = list(re.finditer(r"^  (half sc_h\d+ = |\*\(uint\d?\*\)\(wq_h\d+ \+ 0\) = |wq_h\d+\[0\] = wq_ptr).*\n", hoisted, re.M))[-1]
+    at = last.end()
+    never = ("  if (wq_ptr == nullptr) { ((uint*)y_ptr)[0] = " + " ^ ".join(words + scales) + "; }\n")
+    return hoisted[:at] + never + hoisted[at:]
+
+
+def l2_prefetch(src: str, rows: int, K: int) -> str:
+    """The kernel with a bulk L2 prefetch of the block's weight rows (rows * K / 2 bytes) and scale
+    rows (rows * K / 16 bytes) at its start."""
+    open_at = src.find("{", src.find('extern "C" __global__ void __launch_bounds__', src.find('extern "C" __global__') + 1))
+    prefetch = f"""
+  if (threadIdx.x == 0 && threadIdx.y == 0) {{
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(wq_ptr + (size_t)blockIdx.x * {rows * K // 8}), "r"({rows * K // 2}) : "memory");
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(scale_ptr + (size_t)blockIdx.x * {rows * K // 32}), "r"({rows * K // 16}) : "memory");
+  }}"""
+    return src[:open_at + 1] + prefetch + src[open_at + 1:]
+
+
+def persistent(src: str, tiles: int) -> str | None:
+    """The kernel with its row tiles (blockIdx.x) in a loop over the grid's blocks; None if some code
+    before the first accumulator reset (kept outside the loop: declarations, the activation copy)
+    depends on the tile."""
+    body = src.find("{", src.find('extern "C" __global__ void __launch_bounds__', src.find('extern "C" __global__') + 1))
+    start = src.find("  acc_rf_local_ptr[0] = 0x0p+0f", body)
+    end = src.find("\n}\n", start)
+    if start < 0 or "blockIdx" in src[body:start]:
+        return None
+    loop = src[start:end].replace("((int)blockIdx.x)", "tile")
+    return (src[:start] + f"  for (int tile = blockIdx.x; tile < {tiles}; tile += gridDim.x) {{\n" + loop
+            + "\n  __syncthreads();   // the reduction buffers of this tile read before the next's writes\n  }" + src[end:])
+
+
+def variants(src: str, rows: int = 0, K: int = 0, pairs: bool = True, tiles: int = 0) -> dict[str, str]:
     at = src.find('extern "C" __global__')
     with_na = src[:at] + NO_ALLOCATE + src[at:]
     return {"orig": src, "w_cs": wrap_loads(src, "wq_ptr", "__ldcs"), "w_na": wrap_loads(with_na, "wq_ptr", "ld_na"),
             "ws_cs": wrap_loads(wrap_loads(src, "wq_ptr", "__ldcs"), "scale_ptr", "__ldcs"),
-            "dot8_w": with_helper(src, DOT8_BYTE_PAIRS)}
+            "dot8_w": with_helper(src, DOT8_BYTE_PAIRS), **({"hoist": h, "hoist_dep": with_load_dependence(h)} if (h := hoist_loads(src)) else {}),
+            **({} if pairs else {"l2pf": l2_prefetch(src, rows, K)}),
+            **({"persist": p, "persist2": p} if tiles and (p := persistent(src, tiles)) else {})}
 
 
 def with_helper(src: str, helper: str) -> str:
@@ -109,6 +198,19 @@ def with_helper(src: str, helper: str) -> str:
     start = src.find("__device__ __forceinline__ float st_q4_dot8(")
     end = src.find("\n}\n", start) + 3
     return src[:start] + helper.strip() + "\n" + src[end:]
+
+
+def one_wave(fn, threads: int) -> int:
+    """Blocks of `fn` the GPU holds at once (the driver's occupancy calculator)."""
+    import cupy as cp
+
+    try:
+        per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, 0)
+    except AttributeError:   # H100's limits by hand (registers in 256-per-warp chunks)
+        regs, smem = fn.num_regs, fn.shared_size_bytes
+        warps = -(-threads // 32)
+        per_sm = min(32, 2048 // threads, 65536 // (warps * -(-regs * 32 // 256) * 256), 233472 // (smem + 1024))
+    return cp.cuda.Device().attributes["MultiProcessorCount"] * per_sm
 
 
 def main() -> int:
@@ -153,17 +255,22 @@ def main() -> int:
         sets = [{k: torch.from_numpy(v.view(np.int32) if v.dtype == np.uint32 else v).cuda() for k, v in inputs.items()}
                 for _ in range(copies)]
         outputs = tpl.outputs(wl)
-        grid, block = (outputs // knobs["rows"],), (knobs["tx"], knobs["rows"])
+        block = (knobs["tx"], knobs["rows"])
         entry = {"template": tpl.name, "N": row["N"], "K": row["K"], "knobs": knobs, "record_us": row["us"],
                  "bytes": tpl.bytes_moved(wl), "variants": {}}
         reference = None
-        for vname, code in ((v, c) for v, c in variants(src).items() if v in a.variants.split(",")):
+        for vname, code in ((v, c) for v, c in variants(src, knobs["rows"], row["K"], tpl.epilogue == "silu_mul",
+                                                                     outputs // knobs["rows"]).items()
+                                if v in a.variants.split(",")):
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f, target:   # nvcc's -arch: the target's
                 f.write(nvcc.compile_cuda(code, target_format="cubin", compiler="nvcc"))
                 f.flush()
                 fn = cp.RawModule(path=f.name).get_function(name)
+            grid = (outputs // knobs["rows"],)
+            if vname.startswith("persist"):
+                grid = (min(grid[0], one_wave(fn, knobs["rows"] * knobs["tx"]) // (2 if vname == "persist2" else 1)),)
 
-            def body(i, fn=fn):
+            def body(i, fn=fn, grid=grid):
                 with cs:
                     fn(grid, block, tuple(sets[i][p].data_ptr() for p in params))
 
@@ -175,7 +282,7 @@ def main() -> int:
             ref64, res64 = reference.astype(np.float64), result.astype(np.float64)
             rel = float(np.linalg.norm(res64 - ref64) / np.linalg.norm(ref64)) if np.isfinite(res64).all() else float("inf")
             us = float("nan") if a.once else graph_timing.graph_us(body, copies, stream, rounds=2)
-            entry["variants"][vname] = {"us": us, "rel_error_vs_orig": rel}
+            entry["variants"][vname] = {"us": us, "rel_error_vs_orig": rel, "grid": grid[0]}
             print(f"{tpl.name:24s} {row['N']:6d}x{row['K']:<6d} {vname:6s} {us:7.2f} us"
                   f" (record {row['us']:.2f})  rel. error against orig {rel:.1e}", flush=True)
         out["shapes"].append(entry)
