@@ -61,13 +61,14 @@ def sass(template: str, N: int, K: int, knobs: dict, edit: str | None = None) ->
 
 
 def summary(code: str) -> dict:
-    """Global loads by width in bytes, in issue order, and how many precede the first arithmetic that
+    """Instructions (NOPs and branches not counted), global loads by width in bytes, in issue order, and how many precede the first arithmetic that
     reads a loaded register (the point where a warp first waits on memory)."""
-    loads, loaded, first_wait = [], set(), None
+    loads, loaded, first_wait, count = [], set(), None, 0
     for line in code.splitlines():
-        ins = re.search(r"/\*[0-9a-f]{4}\*/\s+(@!?P\d\s+)?([A-Z0-9_.]+)\s+([^;]*);", line)
+        ins = re.search(r"/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)\s+([^;]*);", line)
         if not ins:
             continue
+        count += ins.group(2) not in ("NOP", "BRA")
         op, args = ins.group(2), [a.strip() for a in ins.group(3).split(",")]
         if op.startswith("LDG"):
             parts = op.split(".")
@@ -79,7 +80,7 @@ def summary(code: str) -> dict:
                 first_wait = len(loads)
             if not op.startswith("ST"):
                 loaded.discard(args[0])   # overwritten: no longer a loaded value
-    return {"load_bytes": {b: loads.count(b) for b in sorted(set(loads), reverse=True)},
+    return {"instructions": count, "load_bytes": {b: loads.count(b) for b in sorted(set(loads), reverse=True)},
             "issued_before_first_use": first_wait, "order_bytes": " ".join(map(str, loads))}
 
 

@@ -18,6 +18,9 @@ copies, cold L2) in the same run, its output compared with the unedited kernel's
   hoist_dep hoist, and then a store that never happens (its pointer test fails) of all loaded words
             XORed: ptxas must then issue every load before the math, where it otherwise interleaves
             them again (gemv_sass.py: 7 of 16 loads before the first use with hoist, 16 with this)
+  lop3      st_q4_dot8's mask and magic-number OR as one `lop3` (ptxas emits two LOP3s for
+            `(w & 0x000F000F) | 0x64006400`, one immediate each): the same math, 11% fewer
+            instructions in the tuned 8192x7168 kernel (gemv_sass.py)
   l2pf      at its start, one thread of each block asks for the block's rows of weights and scales
             (contiguous) to be brought into L2 (`cp.async.bulk.prefetch.L2`, sm_90): every byte the
             block reads is in flight at once, with no register held for it. Not the gate/up GEMV,
@@ -183,12 +186,17 @@ def persistent(src: str, tiles: int) -> str | None:
             + "\n  __syncthreads();   // the reduction buffers of this tile read before the next's writes\n  }" + src[end:])
 
 
+LOP3_C = "    unsigned int bits = ((w >> (4 * i)) & 0x000F000Fu) | 0x64006400u;\n"
+LOP3_ASM = ("    unsigned int bits;   // (w & mask) | magic, one instruction\n"
+            '    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(bits) : "r"(w >> (4 * i)), "n"(0x000F000F), "r"(0x64006400));\n')
+
+
 def variants(src: str, rows: int = 0, K: int = 0, pairs: bool = True, tiles: int = 0) -> dict[str, str]:
     at = src.find('extern "C" __global__')
     with_na = src[:at] + NO_ALLOCATE + src[at:]
     return {"orig": src, "w_cs": wrap_loads(src, "wq_ptr", "__ldcs"), "w_na": wrap_loads(with_na, "wq_ptr", "ld_na"),
             "ws_cs": wrap_loads(wrap_loads(src, "wq_ptr", "__ldcs"), "scale_ptr", "__ldcs"),
-            "dot8_w": with_helper(src, DOT8_BYTE_PAIRS), **({"hoist": h, "hoist_dep": with_load_dependence(h)} if (h := hoist_loads(src)) else {}),
+            "dot8_w": with_helper(src, DOT8_BYTE_PAIRS), **({"lop3": src.replace(LOP3_C, LOP3_ASM)} if LOP3_C in src else {}), **({"hoist": h, "hoist_dep": with_load_dependence(h)} if (h := hoist_loads(src)) else {}),
             **({} if pairs else {"l2pf": l2_prefetch(src, rows, K)}),
             **({"persist": p, "persist2": p} if tiles and (p := persistent(src, tiles)) else {})}
 
