@@ -9,9 +9,11 @@
 #   persist:  one wave of blocks looping over row tiles (and half a wave), against TVM's code
 #   hoist:    a thread's loads written first, and forced first (hoist_dep), against TVM's code
 #   lop3:     st_q4_dot8's AND and OR as one lop3, against TVM's code
+#   decode:   fewer instructions a weight (lop3, interleaved nibbles) and the register cap, against
+#             TVM's code (prepared in session 17, not yet run)
 #   knobs:    each shape's record against the changes of knobs in $TRY (gemv_knob_probe.py --try;
 #             FIRST="KNOB=VALUE ..." for a knob the records lack), same run
-# Usage: bash benchmarks/device_gemv_probe.sh loads|dot8|l2pf|persist|hoist|lop3|knobs
+# Usage: bash benchmarks/device_gemv_probe.sh loads|dot8|l2pf|persist|hoist|lop3|decode|knobs
 source benchmarks/device_env.sh || exit 3
 echo "device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)  date: $(date -u +%FT%TZ)" | tee -a "$OUT/run.log"
 P="python3 benchmarks/gemv_source_probe.py database/reference/sm_90.jsonl"
@@ -22,9 +24,11 @@ l2pf) TAIL=90 step timeout 500 $P --shapes-all --variants orig,l2pf,hoist --json
 persist) TAIL=90 step timeout 500 $P --shapes-all --variants orig,persist,persist2 --json "$OUT/persist_probe.json"; exit ;;
 hoist) TAIL=90 step timeout 500 $P --shapes-all --variants orig,hoist,hoist_dep --json "$OUT/hoist_probe.json"; exit ;;
 lop3) TAIL=90 step timeout 500 $P --shapes-all --variants orig,lop3 --json "$OUT/lop3_probe.json"; exit ;;
+decode) TAIL=200 step timeout 560 $P --shapes-all --variants orig,lb,lop3_lb,interleave,interleave_lop3,interleave_lop3_lb \
+          --json "$OUT/decode_probe.json"; exit ;;
 knobs) TAIL=40 step timeout 540 python3 benchmarks/gemv_knob_probe.py database/reference/sm_90.jsonl --builders 15 \
          --rounds 2 $(for f in $FIRST; do echo --first $f; done) --try "$TRY" --json "$OUT/knob_probe.json"; exit ;;
-*) echo "usage: $0 loads|dot8|l2pf|persist|hoist|lop3|knobs"; exit 2 ;;
+*) echo "usage: $0 loads|dot8|l2pf|persist|hoist|lop3|decode|knobs"; exit 2 ;;
 esac
 N=/tmp/ncu; mkdir -p $N
 for shape in 8192x7168 8192x11008; do

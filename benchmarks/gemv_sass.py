@@ -35,8 +35,8 @@ def nvdisasm() -> str:
     return str(Path(nvidia.cu13.__path__[0]) / "bin" / "nvdisasm")
 
 
-def sass(template: str, N: int, K: int, knobs: dict, edit: str | None = None) -> tuple[str, int | None]:
-    """The cubin's disassembly and its registers per thread; `edit`: a variant of
+def sass(template: str, N: int, K: int, knobs: dict, edit: str | None = None) -> tuple[str, int | None, int]:
+    """The cubin's disassembly, its registers per thread and bytes of spill stores; `edit`: a variant of
     gemv_source_probe.py applied to TVM's source first."""
     target = target_of(get_arch("sm_90"))
     wl = {"batch": 1, "N": N, "K": K, "quant": "q4f16_1"}
@@ -57,7 +57,8 @@ def sass(template: str, N: int, K: int, knobs: dict, edit: str | None = None) ->
                               capture_output=True, text=True).stderr
         out = subprocess.run([nvdisasm(), "-c", cubin], capture_output=True, text=True, check=True).stdout
     m = re.search(r"Used (\d+) registers", regs)
-    return out, int(m.group(1)) if m else None
+    spills = re.search(r"(\d+) bytes spill stores", regs)
+    return out, int(m.group(1)) if m else None, int(spills.group(1)) if spills else 0
 
 
 def summary(code: str) -> dict:
@@ -93,11 +94,11 @@ def main() -> int:
     ap.add_argument("--edit", help="a variant of gemv_source_probe.py (hoist, l2pf, ...)")
     ap.add_argument("--sass", help="write the disassembly here")
     a = ap.parse_args()
-    code, regs = sass(a.template, a.N, a.K, json.loads(a.knobs), a.edit)
+    code, regs, spills = sass(a.template, a.N, a.K, json.loads(a.knobs), a.edit)
     if a.sass:
         Path(a.sass).write_text(code)
     print(json.dumps({"template": a.template, "N": a.N, "K": a.K, "knobs": json.loads(a.knobs), "edit": a.edit,
-                      "registers": regs, **summary(code)}))
+                      "registers": regs, "spill_bytes": spills, **summary(code)}))
     return 0
 
 

@@ -21,6 +21,13 @@ copies, cold L2) in the same run, its output compared with the unedited kernel's
   lop3      st_q4_dot8's mask and magic-number OR as one `lop3` (ptxas emits two LOP3s for
             `(w & 0x000F000F) | 0x64006400`, one immediate each): the same math, 11% fewer
             instructions in the tuned 8192x7168 kernel (gemv_sass.py)
+  interleave  weights repacked on the host so that one mask gives the values 2i, 2i + 1 (nibble j of
+            a word holds value INTERLEAVE[j]), st_q4_dot8 pairing them with the x pair (x[2i],
+            x[2i+1]) that sits in one register: 4 byte permutes a word fewer; interleave_lop3 with
+            lop3 too. The output differs from orig's in rounding only (the half2 lanes sum other pairs)
+  lb        __launch_bounds__(T, 2048 / T): registers capped so that an SM holds 2048 threads
+  *_lb      lop3_lb, interleave_lop3_lb: the same cap, so that the registers the edit adds do not
+            cost occupancy
   l2pf      at its start, one thread of each block asks for the block's rows of weights and scales
             (contiguous) to be brought into L2 (`cp.async.bulk.prefetch.L2`, sm_90): every byte the
             block reads is in flight at once, with no register held for it. Not the gate/up GEMV,
@@ -194,11 +201,47 @@ LOP3_ASM = ("    unsigned int bits;   // (w & mask) | magic, one instruction\n"
 def variants(src: str, rows: int = 0, K: int = 0, pairs: bool = True, tiles: int = 0) -> dict[str, str]:
     at = src.find('extern "C" __global__')
     with_na = src[:at] + NO_ALLOCATE + src[at:]
-    return {"orig": src, "w_cs": wrap_loads(src, "wq_ptr", "__ldcs"), "w_na": wrap_loads(with_na, "wq_ptr", "ld_na"),
-            "ws_cs": wrap_loads(wrap_loads(src, "wq_ptr", "__ldcs"), "scale_ptr", "__ldcs"),
-            "dot8_w": with_helper(src, DOT8_BYTE_PAIRS), **({"lop3": src.replace(LOP3_C, LOP3_ASM)} if LOP3_C in src else {}), **({"hoist": h, "hoist_dep": with_load_dependence(h)} if (h := hoist_loads(src)) else {}),
-            **({} if pairs else {"l2pf": l2_prefetch(src, rows, K)}),
-            **({"persist": p, "persist2": p} if tiles and (p := persistent(src, tiles)) else {})}
+    out = {"orig": src, "w_cs": wrap_loads(src, "wq_ptr", "__ldcs"), "w_na": wrap_loads(with_na, "wq_ptr", "ld_na"),
+           "ws_cs": wrap_loads(wrap_loads(src, "wq_ptr", "__ldcs"), "scale_ptr", "__ldcs"),
+           "dot8_w": with_helper(src, DOT8_BYTE_PAIRS), "lb": full_occupancy(src)}
+    if LOP3_C in src:
+        out["lop3"] = src.replace(LOP3_C, LOP3_ASM)
+        out["interleave"] = src.replace(PAIR_C, PAIR_ADJACENT)
+        out["interleave_lop3"] = out["lop3"].replace(PAIR_C, PAIR_ADJACENT)
+    for name in ("lop3", "interleave_lop3"):
+        if name in out:
+            out[name + "_lb"] = full_occupancy(out[name])
+    if hoisted := hoist_loads(src):
+        out.update(hoist=hoisted, hoist_dep=with_load_dependence(hoisted))
+    if not pairs:
+        out["l2pf"] = l2_prefetch(src, rows, K)
+    if tiles and (persist := persistent(src, tiles)):
+        out.update(persist=persist, persist2=persist)
+    return out
+
+
+#: The variants that read the weights packed otherwise (nibble j of a word holds value INTERLEAVE[j]),
+#: so that nibbles j and j + 4, which one mask takes into the two halves of a half2, are values 2i
+#: and 2i + 1: the x pair then sits in one register already, no byte permute needed.
+INTERLEAVE = [0, 2, 4, 6, 1, 3, 5, 7]
+PAIR_C = "__halves2half2(xs[i], xs[i + 4])"
+PAIR_ADJACENT = "__halves2half2(xs[2 * i], xs[2 * i + 1])"
+REPACKED = {"interleave", "interleave_lop3", "interleave_lop3_lb"}
+
+
+def full_occupancy(src: str) -> str:
+    """`__launch_bounds__(T)` as `__launch_bounds__(T, 2048 / T)`: ptxas then keeps the registers
+    low enough for an SM to hold 2048 threads (at 512 threads a block, 32 registers, where 33 cost a
+    quarter of the blocks), spilling if it must."""
+    return re.sub(r"__launch_bounds__\((\d+)\)", lambda m: f"__launch_bounds__({m.group(1)}, {min(32, 2048 // int(m.group(1)))})", src)
+
+
+def interleave(wq, order=INTERLEAVE):
+    """Words (torch int32) with nibble j taken from nibble order[j] of the input."""
+    out = wq.new_zeros(wq.shape)
+    for j, src_nibble in enumerate(order):
+        out |= ((wq >> (4 * src_nibble)) & 0xF) << (4 * j)
+    return out
 
 
 def with_helper(src: str, helper: str) -> str:
@@ -282,6 +325,9 @@ def main() -> int:
                 with cs:
                     fn(grid, block, tuple(sets[i][p].data_ptr() for p in params))
 
+            if vname in REPACKED:   # the weights as this variant reads them, put back after it
+                for st in sets:
+                    st["wq"] = interleave(st["wq"])
             sets[0]["y"].fill_(float("nan"))
             body(0)
             torch.cuda.synchronize()
@@ -290,6 +336,9 @@ def main() -> int:
             ref64, res64 = reference.astype(np.float64), result.astype(np.float64)
             rel = float(np.linalg.norm(res64 - ref64) / np.linalg.norm(ref64)) if np.isfinite(res64).all() else float("inf")
             us = float("nan") if a.once else graph_timing.graph_us(body, copies, stream, rounds=2)
+            if vname in REPACKED:
+                for st in sets:
+                    st["wq"] = interleave(st["wq"], [INTERLEAVE.index(j) for j in range(8)])
             entry["variants"][vname] = {"us": us, "rel_error_vs_orig": rel, "grid": grid[0]}
             print(f"{tpl.name:24s} {row['N']:6d}x{row['K']:<6d} {vname:6s} {us:7.2f} us"
                   f" (record {row['us']:.2f})  rel. error against orig {rel:.1e}", flush=True)
