@@ -48,13 +48,16 @@ def sass(template: str, N: int, K: int, knobs: dict, edit: str | None = None) ->
     if edit:
         from gemv_source_probe import variants   # beside this script
 
-        src = variants(src, knobs["rows"], K, tpl.epilogue == "silu_mul").get(edit) or sys.exit(f"{edit}: not for this kernel")
+        edits = variants(src, knobs["rows"], K, tpl.epilogue == "silu_mul", tpl.outputs(wl) // knobs["rows"])
+        src = edits.get(edit) or sys.exit(f"{edit}: not for this kernel (these are: {', '.join(edits)})")
     with tempfile.TemporaryDirectory() as tmp:
         cu, cubin = Path(tmp, "k.cu"), Path(tmp, "k.cubin")
         cu.write_text(src)
-        subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-O3", "-w", "-o", cubin, cu], check=True)
-        regs = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-O3", "-w", "-Xptxas", "-v", "-o", cubin, cu],
-                              capture_output=True, text=True).stderr
+        built = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-O3", "-w", "-Xptxas", "-v", "-o", cubin, cu],
+                               capture_output=True, text=True)
+        if built.returncode:
+            sys.exit(f"nvcc failed:\n{built.stderr[-2000:]}")
+        regs = built.stderr   # ptxas -v: registers and spills
         out = subprocess.run([nvdisasm(), "-c", cubin], capture_output=True, text=True, check=True).stdout
     m = re.search(r"Used (\d+) registers", regs)
     spills = re.search(r"(\d+) bytes spill stores", regs)
@@ -62,8 +65,9 @@ def sass(template: str, N: int, K: int, knobs: dict, edit: str | None = None) ->
 
 
 def summary(code: str) -> dict:
-    """Instructions (NOPs and branches not counted), global loads by width in bytes, in issue order, and how many precede the first arithmetic that
-    reads a loaded register (the point where a warp first waits on memory)."""
+    """Instructions (NOPs and branches not counted), global loads by width in bytes in issue order, and
+    how many precede the first arithmetic that reads a loaded register (where a warp first waits on
+    memory)."""
     loads, loaded, first_wait, count = [], set(), None, 0
     for line in code.splitlines():
         ins = re.search(r"/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)\s+([^;]*);", line)
