@@ -130,9 +130,7 @@ def hoist_loads(src: str) -> str | None:
     moved up to the first weight load's place, each into its own registers; None where a load's
     address depends on a loop or a load sits under a guard (moving it could read out of bounds)."""
     loads = list(_LOAD.finditer(src))
-    if len(loads) < 2 or any(src[:m.start()].rstrip().endswith("{") and
-                             src[:m.start()].rstrip().splitlines()[-1].lstrip().startswith(("if", "for"))
-                             for m in loads) or any(len(m.group(1)) != 2 for m in loads):
+    if len(loads) < 2 or any(len(m.group(1)) != 2 for m in loads):   # deeper: inside a loop or a guard
         return None
     if not all(_INVARIANT.match(m.group(4) or m.group(5)) for m in loads):
         return None
@@ -149,8 +147,7 @@ def hoist_loads(src: str) -> str | None:
     def scale(m):
         if not _INVARIANT.match(m.group(1)):
             return m.group(0)
-        name = scales.setdefault(m.group(1), f"sc_h{len(scales)}")
-        return name
+        return scales.setdefault(m.group(1), f"sc_h{len(scales)}")
     body = re.sub(r"scale_ptr\[([^\[\]]+)\]", scale, body)
     hoisted += [f"  half {name} = scale_ptr[{expr}];\n" for expr, name in scales.items()]
     return head + "".join(hoisted) + body
@@ -167,10 +164,16 @@ def with_load_dependence(hoisted: str) -> str:
     return hoisted[:at] + never + hoisted[at:]
 
 
+def kernel_body(src: str) -> int:
+    """Index of the opening brace of the kernel's definition (TVM declares it first, then defines it)."""
+    declared = src.find('extern "C" __global__')
+    return src.find("{", src.find('extern "C" __global__ void __launch_bounds__', declared + 1))
+
+
 def l2_prefetch(src: str, rows: int, K: int) -> str:
     """The kernel with a bulk L2 prefetch of the block's weight rows (rows * K / 2 bytes) and scale
     rows (rows * K / 16 bytes) at its start."""
-    open_at = src.find("{", src.find('extern "C" __global__ void __launch_bounds__', src.find('extern "C" __global__') + 1))
+    open_at = kernel_body(src)
     prefetch = f"""
   if (threadIdx.x == 0 && threadIdx.y == 0) {{
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(wq_ptr + (size_t)blockIdx.x * {rows * K // 8}), "r"({rows * K // 2}) : "memory");
@@ -183,7 +186,7 @@ def persistent(src: str, tiles: int) -> str | None:
     """The kernel with its row tiles (blockIdx.x) in a loop over the grid's blocks; None if some code
     before the first accumulator reset (kept outside the loop: declarations, the activation copy)
     depends on the tile."""
-    body = src.find("{", src.find('extern "C" __global__ void __launch_bounds__', src.find('extern "C" __global__') + 1))
+    body = kernel_body(src)
     start = src.find("  acc_rf_local_ptr[0] = 0x0p+0f", body)
     end = src.find("\n}\n", start)
     if start < 0 or "blockIdx" in src[body:start]:
