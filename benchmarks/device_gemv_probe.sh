@@ -20,12 +20,11 @@ P="python3 benchmarks/gemv_source_probe.py database/reference/sm_90.jsonl"
 case $1 in
 loads) TAIL=40 step timeout 300 $P --json "$OUT/source_probe.json"; V=orig,w_cs,w_na,ws_cs ;;
 dot8) TAIL=60 step timeout 400 $P --shapes-all --variants orig,dot8_w --json "$OUT/dot8_probe.json"; V=orig,dot8_w ;;
-l2pf) TAIL=90 step timeout 500 $P --shapes-all --variants orig,l2pf,hoist --json "$OUT/l2pf_probe.json"; exit ;;
-persist) TAIL=90 step timeout 500 $P --shapes-all --variants orig,persist,persist2 --json "$OUT/persist_probe.json"; exit ;;
-hoist) TAIL=90 step timeout 500 $P --shapes-all --variants orig,hoist,hoist_dep --json "$OUT/hoist_probe.json"; exit ;;
-lop3) TAIL=90 step timeout 500 $P --shapes-all --variants orig,lop3 --json "$OUT/lop3_probe.json"; exit ;;
-decode) TAIL=200 step timeout 560 $P --shapes-all --variants orig,lb,lop3_lb,interleave,interleave_lop3,interleave_lop3_lb \
-          --json "$OUT/decode_probe.json"; exit ;;
+l2pf|persist|hoist|lop3|decode)   # variants timed against TVM's code on every shape, no ncu
+  V=$(case $1 in l2pf) echo orig,l2pf,hoist ;; persist) echo orig,persist,persist2 ;; hoist) echo orig,hoist,hoist_dep ;;
+      lop3) echo orig,lop3 ;; decode) echo orig,lb,lop3_lb,interleave,interleave_lop3,interleave_lop3_lb ;; esac)
+  if [ $1 = decode ]; then T=560 TAIL=200; else T=500 TAIL=90; fi
+  step timeout $T $P --shapes-all --variants $V --json "$OUT/$1_probe.json"; exit ;;
 knobs) TAIL=40 step timeout 540 python3 benchmarks/gemv_knob_probe.py database/reference/sm_90.jsonl --builders 15 \
          --rounds 2 $(for f in $FIRST; do echo --first $f; done) --try "$TRY" --json "$OUT/knob_probe.json"; exit ;;
 *) echo "usage: $0 loads|dot8|l2pf|persist|hoist|lop3|decode|knobs"; exit 2 ;;

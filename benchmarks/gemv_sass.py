@@ -21,6 +21,7 @@ from pathlib import Path
 import tvm
 
 from shardtune.kernels import get_template
+from shardtune.tuner.measure import generated_source
 from shardtune.tuner.targets import get_arch, target_of
 
 
@@ -44,7 +45,7 @@ def sass(template: str, N: int, K: int, knobs: dict, edit: str | None = None) ->
     if why := tpl.check(wl, knobs, target):
         sys.exit(f"{template} {N}x{K}: {why}")
     with target:
-        src = tvm.compile(tpl.schedule(wl, knobs, target), target=target).mod.imports[0].inspect_source()
+        src = generated_source(tvm.compile(tpl.schedule(wl, knobs, target), target=target))
     if edit:
         from gemv_source_probe import variants   # beside this script
 
