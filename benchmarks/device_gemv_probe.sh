@@ -10,7 +10,7 @@
 #   hoist:    a thread's loads written first, and forced first (hoist_dep), against TVM's code
 #   lop3:     st_q4_dot8's AND and OR as one lop3, against TVM's code
 #   decode:   fewer instructions a weight (lop3, interleaved nibbles) and the register cap, against
-#             TVM's code (prepared in session 17, not yet run)
+#             TVM's code (results/2026-12-07-gemv-decode/: median 0.986-1.000, nothing kept)
 #   knobs:    each shape's record against the changes of knobs in $TRY (gemv_knob_probe.py --try;
 #             FIRST="KNOB=VALUE ..." for a knob the records lack), same run
 # Usage: bash benchmarks/device_gemv_probe.sh loads|dot8|l2pf|persist|hoist|lop3|decode|knobs
