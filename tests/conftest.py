@@ -3,7 +3,16 @@ control: `db_template` registers a small real one for the test and removes it af
 so other tests' template lists never see it."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# `python -m pytest` in the checkout puts the checkout on sys.path, and its kernels/ folder would then
+# shadow Hugging Face's `kernels` package, which transformers 5 imports (ImportError: cannot import
+# name 'CUDAProperties' from 'kernels'). The tests import this project as shardtune.* only.
+CHECKOUT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != CHECKOUT]
 
 from shardtune import kernels
 from shardtune.kernels import Template
