@@ -28,6 +28,10 @@ copies, cold L2) in the same run, its output compared with the unedited kernel's
   lb        __launch_bounds__(T, 2048 / T): registers capped so that an SM holds 2048 threads
   *_lb      lop3_lb, interleave_lop3_lb: the same cap, so that the registers the edit adds do not
             cost occupancy
+  nomath    a bound, not a kernel: st_q4_dot8 returns bits of the weight word, no dequantize and no
+            dot product, so nvcc drops the x loads; every weight and scale load stays. If this is not
+            much faster than orig, the loads' pattern, not the math, sets the pace
+  nomath_x  the same with the x loads kept (an XOR of the eight halves' bits)
   l2pf      at its start, one thread of each block asks for the block's rows of weights and scales
             (contiguous) to be brought into L2 (`cp.async.bulk.prefetch.L2`, sm_90): every byte the
             block reads is in flight at once, with no register held for it. Not the gate/up GEMV,
@@ -69,6 +73,24 @@ __device__ __forceinline__ uint2 ld_na(const uint2* p) {
 __device__ __forceinline__ uint4 ld_na(const uint4* p) {
   uint4 v; asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p)); return v; }
+"""
+
+# Bounds, not kernels: the dequantize-and-dot math removed, every load of TVM's kernel kept. `nomath`
+# keeps a dependence on the weight word only (nvcc then drops the x loads), `nomath_x` on x too (an
+# XOR of the eight halves' bits). A few instructions a word instead of about 19.
+NOMATH = r"""
+__device__ __forceinline__ float st_q4_dot8(unsigned int w, half x0, half x1, half x2, half x3,
+                                            half x4, half x5, half x6, half x7) {
+  return __uint_as_float(w & 0x007FFFFFu);
+}
+"""
+NOMATH_X = r"""
+__device__ __forceinline__ float st_q4_dot8(unsigned int w, half x0, half x1, half x2, half x3,
+                                            half x4, half x5, half x6, half x7) {
+  unsigned int x = __half_as_ushort(x0) ^ __half_as_ushort(x1) ^ __half_as_ushort(x2) ^ __half_as_ushort(x3)
+                 ^ __half_as_ushort(x4) ^ __half_as_ushort(x5) ^ __half_as_ushort(x6) ^ __half_as_ushort(x7);
+  return __uint_as_float((w ^ x) & 0x007FFFFFu);
+}
 """
 
 
@@ -206,7 +228,8 @@ def variants(src: str, rows: int = 0, K: int = 0, pairs: bool = True, tiles: int
     with_na = src[:at] + NO_ALLOCATE + src[at:]
     out = {"orig": src, "w_cs": wrap_loads(src, "wq_ptr", "__ldcs"), "w_na": wrap_loads(with_na, "wq_ptr", "ld_na"),
            "ws_cs": wrap_loads(wrap_loads(src, "wq_ptr", "__ldcs"), "scale_ptr", "__ldcs"),
-           "dot8_w": with_helper(src, DOT8_BYTE_PAIRS), "lb": full_occupancy(src)}
+           "dot8_w": with_helper(src, DOT8_BYTE_PAIRS), "lb": full_occupancy(src),
+           "nomath": with_helper(src, NOMATH), "nomath_x": with_helper(src, NOMATH_X)}
     if LOP3_C in src:
         out["lop3"] = src.replace(LOP3_C, LOP3_ASM)
         out["interleave"] = src.replace(PAIR_C, PAIR_ADJACENT)
