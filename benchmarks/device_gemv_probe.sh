@@ -13,9 +13,11 @@
 #             TVM's code (results/2026-12-07-gemv-decode/: median 0.986-1.000, nothing kept)
 #   bound:    TVM's code against itself with the dequantize-and-dot math removed and every load kept
 #             (nomath, nomath_x): how fast the loads alone go (prepared in session 18, not yet run)
+#   pattern:  pure reads of each record's weights and scales in its access pattern, row-major (as
+#             stored) and step-major, and flat (pattern_read_probe.py; prepared in session 18, not yet run)
 #   knobs:    each shape's record against the changes of knobs in $TRY (gemv_knob_probe.py --try;
 #             FIRST="KNOB=VALUE ..." for a knob the records lack), same run
-# Usage: bash benchmarks/device_gemv_probe.sh loads|dot8|l2pf|persist|hoist|lop3|decode|bound|knobs
+# Usage: bash benchmarks/device_gemv_probe.sh loads|dot8|l2pf|persist|hoist|lop3|decode|bound|pattern|knobs
 source benchmarks/device_env.sh || exit 3
 echo "device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)  date: $(date -u +%FT%TZ)" | tee -a "$OUT/run.log"
 P="python3 benchmarks/gemv_source_probe.py database/reference/sm_90.jsonl"
@@ -27,9 +29,11 @@ l2pf|persist|hoist|lop3|decode|bound)   # variants timed against TVM's code on e
       lop3) echo orig,lop3 ;; bound) echo orig,nomath,nomath_x ;; decode) echo orig,lb,lop3_lb,interleave,interleave_lop3,interleave_lop3_lb ;; esac)
   if [ $1 = decode ]; then T=560 TAIL=200; else T=500 TAIL=90; fi
   step timeout $T $P --shapes-all --variants $V --json "$OUT/$1_probe.json"; exit ;;
+pattern) TAIL=40 step timeout 400 python3 benchmarks/pattern_read_probe.py database/reference/sm_90.jsonl \
+           --json "$OUT/pattern_read.json"; exit ;;
 knobs) TAIL=40 step timeout 540 python3 benchmarks/gemv_knob_probe.py database/reference/sm_90.jsonl --builders 15 \
          --rounds 2 $(for f in $FIRST; do echo --first $f; done) --try "$TRY" --json "$OUT/knob_probe.json"; exit ;;
-*) echo "usage: $0 loads|dot8|l2pf|persist|hoist|lop3|decode|bound|knobs"; exit 2 ;;
+*) echo "usage: $0 loads|dot8|l2pf|persist|hoist|lop3|decode|bound|pattern|knobs"; exit 2 ;;
 esac
 N=/tmp/ncu; mkdir -p $N
 for shape in 8192x7168 8192x11008; do
