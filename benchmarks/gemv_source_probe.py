@@ -228,8 +228,10 @@ def variants(src: str, rows: int = 0, K: int = 0, pairs: bool = True, tiles: int
     with_na = src[:at] + NO_ALLOCATE + src[at:]
     out = {"orig": src, "w_cs": wrap_loads(src, "wq_ptr", "__ldcs"), "w_na": wrap_loads(with_na, "wq_ptr", "ld_na"),
            "ws_cs": wrap_loads(wrap_loads(src, "wq_ptr", "__ldcs"), "scale_ptr", "__ldcs"),
-           "dot8_w": with_helper(src, DOT8_BYTE_PAIRS), "lb": full_occupancy(src),
-           "nomath": with_helper(src, NOMATH), "nomath_x": with_helper(src, NOMATH_X)}
+           "lb": full_occupancy(src)}
+    if "float st_q4_dot8(" in src:   # the helper these replace (decode=f16x2, as every record has)
+        out.update(dot8_w=with_helper(src, DOT8_BYTE_PAIRS), nomath=with_helper(src, NOMATH),
+                   nomath_x=with_helper(src, NOMATH_X))
     if LOP3_C in src:
         out["lop3"] = src.replace(LOP3_C, LOP3_ASM)
         out["interleave"] = src.replace(PAIR_C, PAIR_ADJACENT)
