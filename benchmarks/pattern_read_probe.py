@@ -82,9 +82,15 @@ extern "C" __global__ void flat_read(const uint4* __restrict__ p, long long n16,
 ROTATE_BYTES = 400e6
 
 
-def instance(knobs: dict, words: int, pair: int, step_major: bool) -> str:
-    k = knobs
-    return (f"pattern_read<{k['rows']}, {k['tx']}, {k['vec']}, {k['unroll']}, {words}, {pair}, "
+def pair_rows(row: dict) -> int:
+    """Weight rows a thread reads: gate and up for the SiLU(gate) * up GEMV."""
+    return 2 if row["template"].endswith("silu_mul") else 1
+
+
+def instance(row: dict, step_major: bool) -> str:
+    """The kernel template instance that reads `row`'s record in its pattern."""
+    k = row["knobs"]
+    return (f"pattern_read<{k['rows']}, {k['tx']}, {k['vec']}, {k['unroll']}, {row['K'] // 8}, {pair_rows(row)}, "
             f"{'true' if step_major else 'false'}, {'true' if k.get('k_loop') == 'unrolled' else 'false'}>")
 
 
@@ -102,12 +108,8 @@ def main() -> int:
 
     todo = [r for r in bar_rows(open_any(a.db), a.device)
             if "knobs" in r and (not a.shapes or f"{r['N']}x{r['K']}" in a.shapes.split(","))]
-    names = {}
-    for r in todo:
-        pair = 2 if r["template"].endswith("silu_mul") else 1
-        for major in (False, True):
-            names[(r["template"], r["N"], r["K"], major)] = instance(r["knobs"], r["K"] // 8, pair, major)
-    mod = cp.RawModule(code=KERNELS, options=("-std=c++17",), name_expressions=sorted(set(names.values())))
+    mod = cp.RawModule(code=KERNELS, options=("-std=c++17",),
+                       name_expressions=sorted({instance(r, major) for r in todo for major in (False, True)}))
     stream = torch.cuda.Stream()
     cs = cp.cuda.ExternalStream(stream.cuda_stream)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -123,11 +125,11 @@ def main() -> int:
         # the weights' buffer also serves the flat read of weights and scales together
         bufs = [(torch.randint(0, 2**31, (words + words // 8 + 4,), dtype=torch.int32, device="cuda"),
                  torch.randint(0, 2**15, (words // 4,), dtype=torch.int16, device="cuda")) for _ in range(copies)]
-        pair = 2 if r["template"].endswith("silu_mul") else 1
+        pair = pair_rows(r)
         entry = {"template": r["template"], "N": N, "K": r["K"], "knobs": k, "record_us": r["us"], "copies": copies,
                  "bytes": N * W * 4 + N * W // 4 * 2}
         for label, major in (("row_major", False), ("step_major", True)):
-            fn = mod.get_function(names[(r["template"], N, r["K"], major)])
+            fn = mod.get_function(instance(r, major))
 
             def body(i, fn=fn):
                 with cs:
