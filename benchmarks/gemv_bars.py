@@ -5,6 +5,10 @@ record's own run measured for matrices (packed weights and scales) of 32 MB and 
 and faster than dlight (the record's baseline, same run). No GPU needed: it reads stored numbers.
 
     python3 benchmarks/gemv_bars.py database/reference/sm_90.jsonl --device H100 [--json FILE]
+        [--plot FILE.png [--ceiling read_speed_of_light.json]]
+
+`--plot` draws each shape's % of copy against its matrix size, with the bars; `--ceiling` adds what a
+pure read of each size reached when timed the same way (`read_speed_of_light.py`'s JSON).
 """
 from __future__ import annotations
 
@@ -44,11 +48,40 @@ def rows(db, device: str) -> list[dict]:
     return out
 
 
+def plot(table: list[dict], device: str, path: str, ceiling: str | None = None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    low, high, big = min(r["matrix_mb"] for r in table), max(r["matrix_mb"] for r in table), BIG / 1e6
+    ax.plot([low, big, big, high], [70, 70, 85, 85], color="gray", linestyle="--", label="issue 3's bar")
+    for meets, colour, label in ((True, "tab:green", "meets its bar"), (False, "tab:red", "misses")):
+        pts = [r for r in table if "pct" in r and bool(r["meets"]) == meets]
+        ax.scatter([r["matrix_mb"] for r in pts], [r["pct"] for r in pts], color=colour, label=label, zorder=3)
+    if ceiling:
+        with open(ceiling) as f:
+            read = json.load(f)
+        ax.plot([r["mb"] for r in read["rows"]], [r["read_pct_of_copy"] for r in read["rows"]], color="tab:blue",
+                marker=".", label=f"pure read, best setting ({read['date'][:10]})")
+    ax.set_xscale("log")
+    ax.set_xlabel("packed weights and scales of one GEMV (MB)")
+    ax.set_ylabel("% of the copy bandwidth of its run")
+    met = sum(bool(r.get("meets")) for r in table)
+    ax.set_title(f"q4f16_1 GEMVs on {device}: {met} of {len(table)} shapes meet their bar")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("db", help="a tuning database or a .jsonl export")
     ap.add_argument("--device", default="H100", help="records measured on this GPU (part of its name)")
     ap.add_argument("--json")
+    ap.add_argument("--plot", help="PNG of each shape's % of copy against its size, with the bars")
+    ap.add_argument("--ceiling", help="read_speed_of_light.py's JSON: a pure read's % of copy, drawn on the plot")
     args = ap.parse_args()
     table = rows(open_any(args.db), args.device)
     for r in table:
@@ -62,6 +95,8 @@ def main() -> int:
             json.dump({"command": " ".join(["python3 benchmarks/gemv_bars.py", *sys.argv[1:]]),
                        "date": datetime.datetime.now(datetime.UTC).isoformat(), "db": args.db,
                        "device": args.device, "rows": table, "meet": met}, f, indent=1)
+    if args.plot:
+        plot(table, args.device, args.plot, args.ceiling)
     return 0
 
 
