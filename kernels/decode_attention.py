@@ -49,11 +49,52 @@ def _dims(wl):
     return wl["q_heads"], wl["kv_heads"], wl["head_dim"], wl["capacity"], wl["dtype"]
 
 
+def online_softmax_row_macro(D: int, G: int, tile: int, dt: str):
+    """Attention of one query row on the CPU (shared with prefill_attention): query head h of token
+    row t over cache rows 0..L-1 of KV head h // G, an online softmax over tiles of `tile` scores,
+    into out[t, h*D : (h+1)*D]. acc [D], s [tile], st [4] (max, sum, tile max, rescale): scratch."""
+    scale = 1.0 / math.sqrt(D)
+
+    @T.macro
+    def online_softmax_row(q, k_cache, v_cache, out, acc, s, st, t, h, L):
+        st[0] = T.float32(NEG)
+        st[1] = T.float32(0)
+        for d in T.serial(D):
+            acc[d] = T.float32(0)
+        for it in T.serial(T.ceildiv(L, tile)):
+            st[2] = st[0]
+            for j in T.serial(tile):
+                s[j] = T.float32(NEG)
+                if it * tile + j < L:
+                    s[j] = T.float32(0)
+                    for d in T.serial(D):
+                        s[j] += (T.Cast("float32", q[t, h, d])
+                                 * T.Cast("float32", k_cache[h // G, it * tile + j, d]))
+                    s[j] = s[j] * T.float32(scale)
+                    st[2] = T.max(st[2], s[j])
+            st[3] = T.exp(st[0] - st[2])
+            st[1] = st[1] * st[3]
+            for d in T.serial(D):
+                acc[d] = acc[d] * st[3]
+            for j in T.serial(tile):
+                if it * tile + j < L:
+                    s[j] = T.exp(s[j] - st[2])
+                    st[1] += s[j]
+                    for d in T.serial(D):
+                        acc[d] += s[j] * T.Cast("float32", v_cache[h // G, it * tile + j, d])
+            st[0] = st[2]
+        for d in T.serial(D):
+            out[t, h * D + d] = T.Cast(dt, acc[d] / st[1])
+
+    return online_softmax_row
+
+
 def _cpu_func(wl: dict, tile: int, parallel: bool):
     """One query head per (parallel) iteration, online softmax over tiles of `tile` scores."""
     Hq, Hkv, D, C, dt = _dims(wl)
-    G, P, scale = Hq // Hkv, scratch_parts(wl), 1.0 / math.sqrt(D)
+    P = scratch_parts(wl)
     loop = T.parallel if parallel else T.serial
+    online_softmax_row = online_softmax_row_macro(D, Hq // Hkv, tile, dt)
 
     @T.prim_func(s_tir=True)
     def decode_attention(q: T.Buffer((1, Hq, D), dt), k_cache: T.Buffer((Hkv, C, D), dt),
@@ -67,36 +108,9 @@ def _cpu_func(wl: dict, tile: int, parallel: bool):
                 T.writes()
                 acc = T.sblock_alloc_buffer((D,), "float32")
                 s = T.sblock_alloc_buffer((tile,), "float32")
-                st = T.sblock_alloc_buffer((4,), "float32")   # max, sum, tile max, rescale
+                st = T.sblock_alloc_buffer((4,), "float32")
                 L: T.let[T.int32] = T.min(pos[0] + 1, C)
-                st[0] = T.float32(NEG)
-                st[1] = T.float32(0)
-                for d in T.serial(D):
-                    acc[d] = T.float32(0)
-                for it in T.serial(T.ceildiv(L, tile)):
-                    st[2] = st[0]
-                    for j in T.serial(tile):
-                        s[j] = T.float32(NEG)
-                        if it * tile + j < L:
-                            s[j] = T.float32(0)
-                            for d in T.serial(D):
-                                s[j] += (T.Cast("float32", q[0, h, d])
-                                         * T.Cast("float32", k_cache[h // G, it * tile + j, d]))
-                            s[j] = s[j] * T.float32(scale)
-                            st[2] = T.max(st[2], s[j])
-                    st[3] = T.exp(st[0] - st[2])
-                    st[1] = st[1] * st[3]
-                    for d in T.serial(D):
-                        acc[d] = acc[d] * st[3]
-                    for j in T.serial(tile):
-                        if it * tile + j < L:
-                            s[j] = T.exp(s[j] - st[2])
-                            st[1] += s[j]
-                            for d in T.serial(D):
-                                acc[d] += s[j] * T.Cast("float32", v_cache[h // G, it * tile + j, d])
-                    st[0] = st[2]
-                for d in T.serial(D):
-                    out[0, h * D + d] = T.Cast(dt, acc[d] / st[1])
+                online_softmax_row(q, k_cache, v_cache, out, acc, s, st, 0, h, L)
 
     return decode_attention
 

@@ -32,7 +32,7 @@ import tvm
 from tvm.script import tirx as T
 
 from . import register
-from .decode_attention import NEG, _log2, shfl
+from .decode_attention import NEG, _log2, online_softmax_row_macro, shfl
 from .template import Template, target_is_gpu
 
 I32 = "int32"   # a name, not a string, in annotations (pyflakes reads strings as names)
@@ -48,8 +48,8 @@ def _vec(dt) -> int:
 
 def _cpu_func(wl: dict, tile: int, parallel: bool):
     n, Hq, Hkv, D, C, dt = _dims(wl)
-    G, scale = Hq // Hkv, 1.0 / math.sqrt(D)
     loop = T.parallel if parallel else T.serial
+    online_softmax_row = online_softmax_row_macro(D, Hq // Hkv, tile, dt)
 
     @T.prim_func(s_tir=True)
     def prefill_attention(q: T.Buffer((n, Hq, D), dt), k_cache: T.Buffer((Hkv, C, D), dt),
@@ -62,38 +62,11 @@ def _cpu_func(wl: dict, tile: int, parallel: bool):
                 T.writes()
                 acc = T.sblock_alloc_buffer((D,), "float32")
                 s = T.sblock_alloc_buffer((tile,), "float32")
-                st = T.sblock_alloc_buffer((4,), "float32")   # max, sum, tile max, rescale
+                st = T.sblock_alloc_buffer((4,), "float32")
                 t: T.let[T.int32] = th // Hq
                 h: T.let[T.int32] = th % Hq
                 L: T.let[T.int32] = T.min(pos[0] + t + 1, C)
-                st[0] = T.float32(NEG)
-                st[1] = T.float32(0)
-                for d in T.serial(D):
-                    acc[d] = T.float32(0)
-                for it in T.serial(T.ceildiv(L, tile)):
-                    st[2] = st[0]
-                    for j in T.serial(tile):
-                        s[j] = T.float32(NEG)
-                        if it * tile + j < L:
-                            s[j] = T.float32(0)
-                            for d in T.serial(D):
-                                s[j] += (T.Cast("float32", q[t, h, d])
-                                         * T.Cast("float32", k_cache[h // G, it * tile + j, d]))
-                            s[j] = s[j] * T.float32(scale)
-                            st[2] = T.max(st[2], s[j])
-                    st[3] = T.exp(st[0] - st[2])
-                    st[1] = st[1] * st[3]
-                    for d in T.serial(D):
-                        acc[d] = acc[d] * st[3]
-                    for j in T.serial(tile):
-                        if it * tile + j < L:
-                            s[j] = T.exp(s[j] - st[2])
-                            st[1] += s[j]
-                            for d in T.serial(D):
-                                acc[d] += s[j] * T.Cast("float32", v_cache[h // G, it * tile + j, d])
-                    st[0] = st[2]
-                for d in T.serial(D):
-                    out[t, h * D + d] = T.Cast(dt, acc[d] / st[1])
+                online_softmax_row(q, k_cache, v_cache, out, acc, s, st, t, h, L)
 
     return prefill_attention
 

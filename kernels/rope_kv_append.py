@@ -78,11 +78,52 @@ def _compute(wl):
     return rope_kv_append
 
 
+def rotate_and_append_macro(wl, vec: int):
+    """The work of one thread of the GPU kernels (this one, and prefill_rope_kv_append's per token):
+    `vec` rotation pairs (i0 + e, i0 + e + D/2) of head h of token row t of qkv, at position p, read
+    into the local buffers lo and hi, rotated (query and key heads) and stored to q_out or the caches."""
+    Hq, Hkv, D, C, dt = _dims(wl)
+    NH, half, E = Hq + 2 * Hkv, D // 2, _freq_exponent(wl)
+
+    @T.macro
+    def rotate_and_append(qkv, k_cache, v_cache, q_out, lo, hi, t, h, i0, p):
+        if h < NH and (h < Hq or p < C):
+            for e in T.vectorized(vec):
+                lo[e] = qkv[t, h * D + i0 + e]
+            for e in T.vectorized(vec):
+                hi[e] = qkv[t, h * D + half + i0 + e]
+            if h < Hq + Hkv:   # query and key heads rotate; value heads are copied
+                for e in T.unroll(vec):
+                    ang: T.let[T.float32] = (T.Cast("float32", p)
+                                             * T.exp2(T.Cast("float32", i0 + e) * T.float32(E)))
+                    x0: T.let[T.float32] = T.Cast("float32", lo[e])
+                    x1: T.let[T.float32] = T.Cast("float32", hi[e])
+                    lo[e] = T.Cast(dt, x0 * T.cos(ang) - x1 * T.sin(ang))
+                    hi[e] = T.Cast(dt, x1 * T.cos(ang) + x0 * T.sin(ang))
+            if h < Hq:
+                for e in T.vectorized(vec):
+                    q_out[t, h, i0 + e] = lo[e]
+                for e in T.vectorized(vec):
+                    q_out[t, h, half + i0 + e] = hi[e]
+            elif h < Hq + Hkv:
+                for e in T.vectorized(vec):
+                    k_cache[h - Hq, p, i0 + e] = lo[e]
+                for e in T.vectorized(vec):
+                    k_cache[h - Hq, p, half + i0 + e] = hi[e]
+            else:
+                for e in T.vectorized(vec):
+                    v_cache[h - Hq - Hkv, p, i0 + e] = lo[e]
+                for e in T.vectorized(vec):
+                    v_cache[h - Hq - Hkv, p, half + i0 + e] = hi[e]
+
+    return rotate_and_append
+
+
 def _gpu_func(wl, vec: int, heads_per_block: int):
     """A thread per `vec` rotation pairs (i, i + D/2) of a head: two vector loads, two stores."""
     Hq, Hkv, D, C, dt = _dims(wl)
-    NH, half, E = Hq + 2 * Hkv, D // 2, _freq_exponent(wl)
-    TPH = half // vec                   # threads per head
+    NH, TPH = Hq + 2 * Hkv, D // 2 // vec     # heads, threads per head
+    rotate_and_append = rotate_and_append_macro(wl, vec)
 
     @T.prim_func(s_tir=True)
     def rope_kv_append_gpu(qkv: T.Buffer((1, (Hq + 2 * Hkv) * D), dt), pos: T.Buffer((1,), I32),
@@ -99,34 +140,7 @@ def _gpu_func(wl, vec: int, heads_per_block: int):
                     h: T.let[T.int32] = b * heads_per_block + tid // TPH
                     i0: T.let[T.int32] = tid % TPH * vec
                     p: T.let[T.int32] = pos[0]
-                    if h < NH and (h < Hq or p < C):
-                        for e in T.vectorized(vec):
-                            lo[e] = qkv[0, h * D + i0 + e]
-                        for e in T.vectorized(vec):
-                            hi[e] = qkv[0, h * D + half + i0 + e]
-                        if h < Hq + Hkv:   # query and key heads rotate; value heads are copied
-                            for e in T.unroll(vec):
-                                ang: T.let[T.float32] = (T.Cast("float32", p)
-                                                         * T.exp2(T.Cast("float32", i0 + e) * T.float32(E)))
-                                x0: T.let[T.float32] = T.Cast("float32", lo[e])
-                                x1: T.let[T.float32] = T.Cast("float32", hi[e])
-                                lo[e] = T.Cast(dt, x0 * T.cos(ang) - x1 * T.sin(ang))
-                                hi[e] = T.Cast(dt, x1 * T.cos(ang) + x0 * T.sin(ang))
-                        if h < Hq:
-                            for e in T.vectorized(vec):
-                                q_out[0, h, i0 + e] = lo[e]
-                            for e in T.vectorized(vec):
-                                q_out[0, h, half + i0 + e] = hi[e]
-                        elif h < Hq + Hkv:
-                            for e in T.vectorized(vec):
-                                k_cache[h - Hq, p, i0 + e] = lo[e]
-                            for e in T.vectorized(vec):
-                                k_cache[h - Hq, p, half + i0 + e] = hi[e]
-                        else:
-                            for e in T.vectorized(vec):
-                                v_cache[h - Hq - Hkv, p, i0 + e] = lo[e]
-                            for e in T.vectorized(vec):
-                                v_cache[h - Hq - Hkv, p, half + i0 + e] = hi[e]
+                    rotate_and_append(qkv, k_cache, v_cache, q_out, lo, hi, 0, h, i0, p)
 
     return rope_kv_append_gpu
 
