@@ -68,16 +68,22 @@ def generated_source(ex) -> str:
     return mod.imports[0].inspect_source() if mod.imports else mod.inspect_source("ll")
 
 
-_HEAP_ADDRESS = re.compile(r'"0x[0-9a-f]+"')
+# LLVM IR names its alias-analysis (TBAA) nodes after heap addresses, alone ("0x5591e0a38bc0") or
+# as the start of a longer name ("0x5591e0a38bc0.w4.b0", nodes of the buffers a kernel allocates).
+_HEAP_ADDRESS = re.compile(r'"0x[0-9a-f]+(?=[".])')
+
+
+def stable_text(source: str) -> str:
+    """`source` with every heap address renumbered in order of appearance (p0, p1, ...)."""
+    seen: dict[str, int] = {}
+    return _HEAP_ADDRESS.sub(lambda m: f'"p{seen.setdefault(m.group(0), len(seen))}', source)
 
 
 def source_sha(ex) -> str:
-    """A hash of generated_source() that is the same for the same code in every process:
-    LLVM IR names its alias-analysis nodes by heap addresses, renumbered here in order of
-    appearance. Records store it (Record.source_sha); `shardtune regress` compares."""
-    seen: dict[str, int] = {}
-    text = _HEAP_ADDRESS.sub(lambda m: f'"p{seen.setdefault(m.group(0), len(seen))}"', generated_source(ex))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """A hash of generated_source() that is the same for the same code in every process (the
+    heap addresses in LLVM IR renumbered). Records store it (Record.source_sha); `shardtune
+    regress` and `db refresh` compare."""
+    return hashlib.sha256(stable_text(generated_source(ex)).encode()).hexdigest()[:16]
 
 
 def measure_on(dev, load, template_name: str, wl: dict, repeat: int = 10, seed: int = 0) -> dict:
