@@ -22,6 +22,13 @@ Two protocols (knob "protocol"):
   and flag arrive together: one one-way NVLink latency, no fence, no separate barrier. A line
   in slot r % 2 is rewritten only at round r + 2, after its reader has finished round r + 1.
 
+Knob "blocks": the vector split over a thread block cluster (sm_90) instead of one block, so the
+peer traffic goes through several SMs, not one (one SM moves about 100 GB/s: at TP4 a block pushes
+and pulls some 200 KB). The norm's sum of squares is then the cluster's: each block puts its share
+into every block's shared memory (st.shared::cluster) and one cluster barrier publishes them.
+Under "flag" the first block posts and waits for the flags once the cluster barrier says every
+block's slice is in its slot.
+
 The GPU schedule is for NVIDIA only (ROCm builds keep RCCL): extern CUDA calls and PTX. The CPU
 schedule is the same arithmetic without waiting (one process has no peers), for numerics
 checks. One-shot only: at batch 1 a message is H fp16 values (16 KB at H=8192), where a two-shot
@@ -64,25 +71,58 @@ __device__ __forceinline__ int st_ll_store(int* line, int data, int round) {
   asm volatile("st.volatile.global.v2.u32 [%0], {%1, %2};" :: "l"(line), "r"(data), "r"(round) : "memory");
   return 0;
 }
-__device__ __forceinline__ int st_ll_wait(const int* line, int round) {  // the data word, once it is there
-  int data, seen;
-  do {
-    asm volatile("ld.volatile.global.v2.u32 {%0, %1}, [%2];" : "=r"(data), "=r"(seen) : "l"(line) : "memory");
-  } while (seen < round);
-  return data;
+// A line as {round << 32 | data}. A thread loads all its lines first and only then waits on each
+// (st_ll_wait): the loads are in flight together, one round trip, not one per line.
+__device__ __forceinline__ long long st_ll_load(const int* line) {
+  unsigned data, seen;
+  asm volatile("ld.volatile.global.v2.u32 {%0, %1}, [%2];" : "=r"(data), "=r"(seen) : "l"(line) : "memory");
+  return static_cast<long long>((static_cast<unsigned long long>(seen) << 32) | data);
+}
+__device__ __forceinline__ int st_ll_wait(long long first, const int* line, int round) {  // its data word
+  while (static_cast<int>(first >> 32) < round) first = st_ll_load(line);
+  return static_cast<int>(first);
 }
 """
 register_cuda_helper("st_ll_store", ST_LL_CUDA)
 register_cuda_helper("st_ll_wait", ST_LL_CUDA)
+register_cuda_helper("st_ll_load", ST_LL_CUDA)
+
+# A block of a cluster: a value into slot `slot` of block `rank`'s shared memory; the barrier that
+# makes every such store (and every block's earlier global stores, at cluster scope) visible; and
+# that barrier split, as a guard that every block has started before its shared memory is written.
+ST_CLUSTER_CUDA = r"""
+__device__ __forceinline__ int st_cluster_put(float* slot, int rank, float value) {
+  unsigned local = static_cast<unsigned>(__cvta_generic_to_shared(slot)), remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("st.shared::cluster.f32 [%0], %1;" :: "r"(remote), "f"(value) : "memory");
+  return 0;
+}
+__device__ __forceinline__ int st_cluster_arrive() {
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+  return 0;
+}
+__device__ __forceinline__ int st_cluster_wait() {
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+  return 0;
+}
+__device__ __forceinline__ int st_cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  return 0;
+}
+"""
+register_cuda_helper("st_cluster_put", ST_CLUSTER_CUDA)
+register_cuda_helper("st_cluster_sync", ST_CLUSTER_CUDA)
+register_cuda_helper("st_cluster_arrive", ST_CLUSTER_CUDA)
+register_cuda_helper("st_cluster_wait", ST_CLUSTER_CUDA)
 
 
-def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool):
+def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool, blocks: int = 1):
     import tvm
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     f32, f16 = "float32", "float16"
-    per = H // threads           # elements per thread: chunks of `vec` contiguous values
+    per = H // threads // blocks   # elements per thread: chunks of `vec` contiguous values
     chunks = per // vec
     with IRBuilder() as ib:
         with T.prim_func():
@@ -98,12 +138,34 @@ def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool):
             y = T.arg("y", T.buffer((1, H), f16))
             h = T.arg("h", T.buffer((1, H), f16))
             launch = ExitStack()
+            bx, first = 0, 0   # this block; the first element of its slice
             if gpu:
-                launch.enter_context(T.launch_thread(T.env_thread("blockIdx.x"), 1))
+                if blocks > 1:   # one cluster of `blocks` blocks, each a slice of H / blocks values
+                    bx = T.env_thread("blockIdx.x")
+                    launch.enter_context(T.launch_thread(bx, blocks))
+                    launch.enter_context(T.launch_thread(T.env_thread("clusterCtaIdx.x"), blocks))
+                    first = bx * (H // blocks)
+                else:
+                    launch.enter_context(T.launch_thread(T.env_thread("blockIdx.x"), 1))
                 tx = T.env_thread("threadIdx.x")
                 launch.enter_context(T.launch_thread(tx, threads))
             else:
                 tx = 0
+
+            if gpu and blocks > 1:
+                # The cluster's sums of squares: written by the other blocks while this one may still
+                # be reducing its own. Touched first here, so that TVM's storage planning, which
+                # sees one thread, does not give its memory to `red` (whose use ends before).
+                sums = T.alloc_buffer((blocks,), f32, scope="shared")
+                with T.If(tx < blocks):
+                    with T.Then():
+                        T.buffer_store(sums, T.float32(0), [tx])
+
+            def block_sync():   # the block, or with several the cluster (which includes the block)
+                if blocks > 1:
+                    T.evaluate(T.call_extern("int32", "st_cluster_sync"))
+                else:
+                    T.evaluate(T.tvm_storage_sync("shared"))
             unroll = T.unroll if gpu else T.serial   # registers on the GPU; a CPU needs no unrolling
 
             def copy(dst, dst_index, src, src_index):
@@ -112,6 +174,8 @@ def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool):
                 with unroll(0, chunks) as c:
                     with (T.vectorized(0, vec) if gpu else T.serial(0, vec)) as j:
                         k, i = (c * threads + tx) * vec + j, c * vec + j
+                        if blocks > 1:
+                            k = first + k
                         T.buffer_store(dst, src[src_index(k, i)], dst_index(k, i))
 
             rnd = T.alloc_buffer((1,), "int32", scope="local")
@@ -129,7 +193,8 @@ def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool):
                 def lines_of_mine(body):   # body(q, g): this thread's word q is line g of the vector
                     with unroll(0, chunks) as c:
                         with unroll(0, vec // 2) as jp:
-                            body(c * (vec // 2) + jp, (c * threads + tx) * (vec // 2) + jp)
+                            g = (c * threads + tx) * (vec // 2) + jp
+                            body(c * (vec // 2) + jp, first // 2 + g if blocks > 1 else g)
 
                 def send(q, g):   # into every peer's buffer, at the position it sees this GPU in
                     for p in range(1, N):
@@ -141,18 +206,30 @@ def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool):
                             T.buffer_store(line, words[0, q], [slot, N - p, g, 0])
                             T.buffer_store(line, rnd[0], [slot, N - p, g, 1])
 
+                if gpu:
+                    got = T.alloc_buffer((N, per // 2), "int64", scope="local")   # lines as loaded
+                    if blocks > 1:   # no cluster barrier comes before the norm's: this one's start
+                        T.evaluate(T.call_extern("int32", "st_cluster_arrive"))
+
+                def load(q, g):
+                    for p in range(1, N):
+                        T.buffer_store(got, T.call_extern("int64", "st_ll_load", T.address_of(lines[0][slot, p, g, 0])),
+                                       [p, q])
+
                 def receive(q, g):   # every peer's line g, once it carries this round
                     for p in range(1, N):
-                        data = (T.call_extern("int32", "st_ll_wait", T.address_of(lines[0][slot, p, g, 0]), rnd[0])
-                                if gpu else lines[0][slot, p, g, 0])
+                        data = (T.call_extern("int32", "st_ll_wait", got[p, q], T.address_of(lines[0][slot, p, g, 0]),
+                                              rnd[0]) if gpu else lines[0][slot, p, g, 0])
                         T.buffer_store(words, data, [p, q])
                 lines_of_mine(send)
+                if gpu:
+                    lines_of_mine(load)
                 lines_of_mine(receive)
             else:
                 copy(comm[0], lambda k, i: [slot, k], xs, lambda k, i: (0, i))
                 if gpu and N > 1:
-                    T.evaluate(T.tvm_storage_sync("shared"))   # the block's copies are done
-                    with T.If(tx == 0):
+                    block_sync()   # every copy of the block (or the cluster) is done
+                    with T.If(tx == 0 if blocks == 1 else T.And(bx == 0, tx == 0)):
                         with T.Then():
                             T.evaluate(T.call_extern("int32", "__threadfence_system"))   # ... and visible
                             for p in range(1, N):
@@ -162,7 +239,7 @@ def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool):
                                              < rnd[0]):
                                     T.evaluate(0)
                             T.evaluate(T.call_extern("int32", "__threadfence"))
-                    T.evaluate(T.tvm_storage_sync("shared"))
+                    block_sync()
                 # Every peer load first, with no store between them: all are in flight at once, so
                 # the NVLink round trip is paid once, not once per element.
                 for p in range(1, N):
@@ -190,13 +267,25 @@ def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool):
                 T.buffer_store(ssq, T.float32(0), [0])
                 with T.serial(0, warps) as w:
                     T.buffer_store(ssq, ssq[0] + red[w], [0])
+                if blocks > 1:   # every block's sum into every block's `sums`, then the cluster's
+                    if protocol == "ll":   # every block has started (its shared memory exists)
+                        T.evaluate(T.call_extern("int32", "st_cluster_wait"))
+                    with T.If(tx < blocks):
+                        with T.Then():
+                            T.evaluate(T.call_extern("int32", "st_cluster_put", T.address_of(sums[bx]), tx, ssq[0]))
+                    block_sync()
+                    T.buffer_store(ssq, T.float32(0), [0])
+                    with T.serial(0, blocks) as b:
+                        T.buffer_store(ssq, ssq[0] + sums[b], [0])
             inv = T.rsqrt(ssq[0] / T.float32(H) + T.float32(EPS))
             with unroll(0, per) as i:
                 T.buffer_store(out, T.Cast(f16, hv[i] * inv * T.Cast(f32, xs[N + 1, i])), [i])
             copy(y, lambda k, i: [0, k], out, lambda k, i: (i,))
             if gpu:
-                T.evaluate(T.tvm_storage_sync("shared"))   # everyone has read the counter
-                with T.If(tx == 0):
+                if blocks == 1:
+                    T.evaluate(T.tvm_storage_sync("shared"))   # everyone has read the counter
+                # (with several blocks, the cluster barrier of the norm already said so)
+                with T.If(tx == 0 if blocks == 1 else T.And(bx == 0, tx == 0)):
                     with T.Then():
                         T.buffer_store(flags[0], rnd[0], [0])
             else:
@@ -210,9 +299,10 @@ class AllReduceAddNorm(Template):
     name = "allreduce_add_norm"
     dlight_baseline = False
     gpu_knobs = {
-        "threads": [128, 256, 512, 1024],   # one block; each thread owns H / threads values ...
+        "threads": [128, 256, 512, 1024],   # a block's; each thread owns H / (threads * blocks) values ...
         "vec": [1, 2, 4, 8],                # ... in chunks of `vec` contiguous fp16 (8: one 16-byte load)
         "protocol": ["flag", "ll"],         # flag barrier then NVLink reads, or data+flag lines pushed
+        "blocks": [1, 2, 4, 8, 16],         # one block, or a cluster (sm_90) splitting the vector
     }
     cpu_knobs = {"protocol": ["flag", "ll"]}   # the same arithmetic; checks both buffer layouts
     tolerance = 2e-3
@@ -229,8 +319,12 @@ class AllReduceAddNorm(Template):
         if target_is_gpu(target):
             if target.kind.name != "cuda":
                 return "the peer barrier is CUDA-only"
-            if wl["H"] % (knobs["threads"] * knobs["vec"]):
-                return "threads * vec must divide H"
+            blocks = knobs.get("blocks", 1)
+            if wl["H"] % (knobs["threads"] * knobs["vec"] * blocks):
+                return "threads * vec * blocks must divide H"
+            arch = str(target.attrs.get("arch", ""))
+            if blocks > 1 and (not arch.startswith("sm_") or int(arch[3:].rstrip("a")) < 90):
+                return "a cluster of blocks needs sm_90 or newer"
             if knobs["protocol"] == "ll" and knobs["vec"] < 2:
                 return "ll sends two values a line: vec >= 2"
         return None
@@ -239,20 +333,25 @@ class AllReduceAddNorm(Template):
         if not target_is_gpu(target):
             return {"protocol": "flag"}
         # Measured on 2 x H100 (benchmarks/results/2026-11-26-fused/allreduce_fusion_tp2.json): ll
-        # with the most threads and two values a thread was best at hidden 4096 and 8192 (3.3 and
-        # 4.3 us); wider loads mean fewer lines in flight per thread and were slower.
-        for vec in (2, 4, 8):
-            for threads in (1024, 512, 256, 128):
-                if wl["H"] % (threads * vec) == 0:
-                    return {"threads": threads, "vec": vec, "protocol": "ll"}
+        # with two values a thread was best at hidden 4096 and 8192; wider loads mean fewer lines
+        # in flight per thread. On one H100 standing in for all (results/2026-12-07-allreduce-
+        # cluster/): a cluster of 8 blocks paid once a GPU pulls (N - 1) * H >= 8192 values
+        # (8192 at TP2: 2.96 us against 3.51 for one block; TP4: 3.22 against 5.08), not below.
+        many = (wl["shards"] - 1) * wl["H"] >= 8192
+        for blocks in ((8, 4, 2, 1) if many else (1,)):
+            for vec in (2, 4, 8):
+                for threads in (256, 128, 512, 1024):
+                    knobs = {"threads": threads, "vec": vec, "protocol": "ll", "blocks": blocks}
+                    if self.check(wl, knobs, target) is None:
+                        return knobs
         raise ValueError(f"{self.name}: no valid knobs for {wl}")
 
     def schedule(self, wl, knobs, target):
         import tvm
 
         gpu = target_is_gpu(target)
-        threads, vec = (knobs["threads"], knobs["vec"]) if gpu else (1, 2)
-        return tvm.IRModule({"main": _kernel(wl["shards"], wl["H"], threads, vec, knobs["protocol"], gpu)})
+        threads, vec, blocks = (knobs["threads"], knobs["vec"], knobs.get("blocks", 1)) if gpu else (1, 2, 1)
+        return tvm.IRModule({"main": _kernel(wl["shards"], wl["H"], threads, vec, knobs["protocol"], gpu, blocks)})
 
     def inputs(self, wl, rng):
         """One GPU standing in for all: the peers' partials wait in both slots (flag) and lines

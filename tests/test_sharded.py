@@ -210,6 +210,19 @@ def test_allreduce_add_norm_cuda_has_the_barrier_and_rocm_is_refused():
     flag, ll = sources["flag"], sources["ll"]
     assert flag.count("atomicExch") == 7 and "__threadfence_system()" in flag   # one flag per peer
     assert "st.volatile.global.v2.u32" in ll and ll.count("st_ll_store(") == 7 * 8 + 1   # 8 lines a thread
+    # ... all loaded before the first wait (one round trip): 56 loads, then 56 waits
+    body = ll[ll.index("__global__"):]
+    assert body.count("st_ll_load(") == 56 and body.rindex("st_ll_load(") < body.index("st_ll_wait(")
+    # A cluster of blocks: the norm's sum over the cluster, the flags posted by its first block.
+    for protocol in tpl.gpu_knobs["protocol"]:
+        knobs = {"threads": 256, "vec": 8, "protocol": protocol, "blocks": 4}
+        assert tpl.check(wl, knobs, target_of(get_arch("sm_80"))) == "a cluster of blocks needs sm_90 or newer"
+        ex = tvm.compile(tpl.schedule(wl, knobs, cuda), target=cuda)
+        src = tvm.get_global_func("tvm_callback_cuda_postproc")(ex.mod.imports[0].inspect_source(), cuda)
+        body = src[src.index("__global__"):]
+        assert "mapa.shared::cluster" in src and body.count("st_cluster_put(") == 1
+        assert body.count("st_cluster_sync()") == (3 if protocol == "flag" else 1)
+        sources[f"{protocol}-cluster"] = src
     assert "the peer barrier is CUDA-only" == tpl.check(wl, {"threads": 256, "vec": 8, "protocol": "ll"},
                                                         target_of(get_arch("gfx1100")))
     if shutil.which("nvcc"):   # where a CUDA toolkit is installed: the code compiles
