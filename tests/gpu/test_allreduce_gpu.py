@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tvm
 
+from shardtune.compiler.pdl import pdl_pipeline
 from shardtune.kernels import get_template
 from shardtune.kernels.allreduce_add_norm import comm_bytes, comm_regions
 from shardtune.kernels.rms_norm import EPS
@@ -65,16 +66,19 @@ def _ranks_reference(partials, residual, weight, rank):
     return (hf / np.sqrt(np.mean(hf * hf) + EPS) * weight.astype(np.float32)).astype(np.float16), h
 
 
-@pytest.mark.parametrize("shards,knobs", [
-    (2, {"threads": 1024, "vec": 2, "protocol": "ll", "blocks": 1}),
-    (2, {"threads": 256, "vec": 8, "protocol": "flag", "blocks": 1}),
-    (2, {"threads": 256, "vec": 4, "protocol": "ll", "blocks": 8}),
-    (4, {"threads": 256, "vec": 2, "protocol": "ll", "blocks": 16}),
-    (4, {"threads": 128, "vec": 8, "protocol": "flag", "blocks": 8}),
-    (4, {"threads": 512, "vec": 8, "protocol": "flag", "blocks": 1}),
-    (8, {"threads": 128, "vec": 4, "protocol": "ll", "blocks": 4}),
+@pytest.mark.parametrize("shards,knobs,pdl", [
+    (2, {"threads": 1024, "vec": 2, "protocol": "ll", "blocks": 1}, False),
+    (2, {"threads": 256, "vec": 8, "protocol": "flag", "blocks": 1}, False),
+    (2, {"threads": 256, "vec": 4, "protocol": "ll", "blocks": 8}, False),
+    (4, {"threads": 256, "vec": 2, "protocol": "ll", "blocks": 16}, False),
+    (4, {"threads": 128, "vec": 8, "protocol": "flag", "blocks": 8}, False),
+    (4, {"threads": 512, "vec": 8, "protocol": "flag", "blocks": 1}, False),
+    (8, {"threads": 128, "vec": 4, "protocol": "ll", "blocks": 4}, False),
+    # as a model build compiles it on sm_90: launched with PDL (compiler/pdl.py) as well as a cluster
+    (4, {"threads": 256, "vec": 2, "protocol": "ll", "blocks": 8}, True),
+    (2, {"threads": 128, "vec": 8, "protocol": "flag", "blocks": 4}, True),
 ])
-def test_fused_allreduce_ranks_on_one_gpu(shards, knobs):
+def test_fused_allreduce_ranks_on_one_gpu(shards, knobs, pdl):
     torch = pytest.importorskip("torch")
     import tvm_ffi
 
@@ -82,7 +86,10 @@ def test_fused_allreduce_ranks_on_one_gpu(shards, knobs):
     wl = {"H": H, "shards": shards, "batch": 1}
     if TPL.check(wl, knobs, target):
         pytest.skip(TPL.check(wl, knobs, target))
-    run = tvm.compile(TPL.schedule(wl, knobs, target), target=target)["main"]
+    if pdl and not target.attrs["arch"].startswith("sm_9"):
+        pytest.skip("PDL needs sm_90")
+    pipeline = pdl_pipeline() if pdl else "default"
+    run = tvm.compile(TPL.schedule(wl, knobs, target), target=target, tir_pipeline=pipeline)["main"]
     dev, rng = tvm.cuda(0), np.random.default_rng(1)
     own = [tvm.runtime.tensor(np.zeros(comm_bytes(H, shards), np.uint8), dev) for _ in range(shards)]
     regions = [[own[(r + p) % shards]._create_view(shape, dtype, at) for at, shape, dtype in comm_regions(H, shards)
