@@ -180,13 +180,15 @@ def _time_reduce_norm(hidden: int, iters: int, reps: int) -> str:
                 yield json.dumps(knobs, sort_keys=True), tvm.compile(tpl.schedule(wl, knobs, target), target=target)["main"]
 
     out = {"allreduce": {"": timed(lambda: allreduce(partial, Shape([0]), True, xsum))},
-           "add_norm": {}, "nccl_add_norm": {}, "fused_flag": {}, "fused_ll": {}}
+           "add_norm": {}, "nccl_add_norm": {}, "fused_flag": {}, "fused_ll": {}, "fused_ll_cluster": {}}
     for key, f in kernels("add_rms_norm", {"H": hidden, "batch": 1}):
         out["add_norm"][key] = timed(lambda: f(xsum, residual, weight, y, h))
         out["nccl_add_norm"][key] = timed(lambda: (allreduce(partial, Shape([0]), True, xsum),
                                                    f(xsum, residual, weight, y, h)))
     for key, f in kernels("allreduce_add_norm", {"H": hidden, "shards": n, "batch": 1}):
-        out["fused_" + json.loads(key)["protocol"]][key] = timed(lambda: f(partial, residual, weight, *_shard["comm"], y, h))
+        knobs = json.loads(key)   # `ll` on one block and on a cluster apart, to see what the cluster adds
+        variant = "fused_" + knobs["protocol"] + ("_cluster" if knobs.get("blocks", 1) > 1 and knobs["protocol"] == "ll" else "")
+        out[variant][key] = timed(lambda: f(partial, residual, weight, *_shard["comm"], y, h))
     return json.dumps(out)
 
 
