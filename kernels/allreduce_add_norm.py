@@ -189,6 +189,11 @@ def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool, bl
             copy(xs, lambda k, i: [0, i], partial, lambda k, i: (0, k))
             copy(xs, lambda k, i: [N, i], residual, lambda k, i: (0, k))
             copy(xs, lambda k, i: [N + 1, i], weight, lambda k, i: (k,))
+            # Without the flag barrier's cluster syncs, nothing says before the norm that every block
+            # has started (its shared memory exists): a split barrier, arrive here, wait before it.
+            early_guard = gpu and blocks > 1 and (protocol == "ll" or N == 1)
+            if early_guard:
+                T.evaluate(T.call_extern("int32", "st_cluster_arrive"))
             if protocol == "ll":
                 def lines_of_mine(body):   # body(q, g): this thread's word q is line g of the vector
                     with unroll(0, chunks) as c:
@@ -208,8 +213,6 @@ def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool, bl
 
                 if gpu:
                     got = T.alloc_buffer((N, per // 2), "int64", scope="local")   # lines as loaded
-                    if blocks > 1:   # no cluster barrier comes before the norm's: this one's start
-                        T.evaluate(T.call_extern("int32", "st_cluster_arrive"))
 
                 def load(q, g):
                     for p in range(1, N):
@@ -268,7 +271,7 @@ def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool, bl
                 with T.serial(0, warps) as w:
                     T.buffer_store(ssq, ssq[0] + red[w], [0])
                 if blocks > 1:   # every block's sum into every block's `sums`, then the cluster's
-                    if protocol == "ll":   # every block has started (its shared memory exists)
+                    if early_guard:
                         T.evaluate(T.call_extern("int32", "st_cluster_wait"))
                     with T.If(tx < blocks):
                         with T.Then():
@@ -336,7 +339,7 @@ class AllReduceAddNorm(Template):
         # with two values a thread was best at hidden 4096 and 8192; wider loads mean fewer lines
         # in flight per thread. On one H100 standing in for all (results/2026-12-07-allreduce-
         # cluster/): a cluster of 8 blocks paid once a GPU pulls (N - 1) * H >= 8192 values
-        # (8192 at TP2: 2.96 us against 3.51 for one block; TP4: 3.22 against 5.08), not below.
+        # (8192 at TP2: 2.96 us against 3.51 for ll on one block; TP4: 3.22 against 5.08), not below.
         many = (wl["shards"] - 1) * wl["H"] >= 8192
         for blocks in ((8, 4, 2, 1) if many else (1,)):
             for vec in (2, 4, 8):
