@@ -113,6 +113,7 @@ class Validator:
 
     def __init__(self):
         self._templates: dict[str, object] = {}
+        self._targets: dict[str, object] = {}
 
     def template(self, name: str):
         """The current template called `name`, or None if there is none."""
@@ -137,6 +138,9 @@ class Validator:
             tpl.validate_knobs(rec.knobs)
         except ValueError as e:  # KnobError
             return f"knobs outside the declared space: {e}"
+        refused = self.refused(tpl, rec)
+        if refused:
+            return refused
         if rec.tvm_version != installed_tvm_version():
             return f"tuned with TVM {rec.tvm_version or '(unknown)'}, installed {installed_tvm_version()}"
         tolerance = getattr(tpl, "tolerance", None)
@@ -155,4 +159,25 @@ class Validator:
             found[0].validate_knobs(rec.knobs)
         except ValueError as e:
             return str(e)
-        return None
+        return self.refused(found[0], rec)
+
+    def refused(self, tpl, rec: Record) -> str | None:
+        """Knobs the template itself refuses for the record's workload on its arch (`check()`):
+        no tuner stores such a record, and a build from it would not compile."""
+        if rec.arch not in self._targets:
+            from ..errors import UserError
+            from ..tuner.targets import get_arch, target_of
+
+            try:
+                self._targets[rec.arch] = target_of(get_arch(rec.arch))
+            except UserError:
+                self._targets[rec.arch] = None
+        target = self._targets[rec.arch]
+        if target is None:   # another machine's CPU, say: nothing here to check it against
+            return None
+        try:
+            why = tpl.check(rec.workload, rec.knobs, target)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:   # a workload missing a field
+            why = f"{type(e).__name__}: {e}"
+        return f"{rec.template} refuses knobs {canonical(rec.knobs)} for {canonical(rec.workload)} on {rec.arch}: {why}" \
+            if why else None

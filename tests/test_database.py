@@ -201,3 +201,38 @@ def test_read_only_handle_refuses_writes(tmp_path, make_record):
         with pytest.raises(UserError, match="opened read-only"):
             db.add(make_record(latency_us=1.0))
         assert len(db) == 1
+
+
+def test_records_whose_knobs_the_template_refuses_are_wrong(tmp_path):
+    """Knobs inside the space that the template's check() refuses for the record's workload or
+    arch (a hand edit, another tool): refused at import with one line, skipped by builds if
+    already stored, because a build from them would not compile."""
+    from shardtune.kernels import get_template
+    from shardtune.database.checks import installed_tvm_version
+
+    tpl = get_template("allreduce_add_norm")
+    rec = Record(template=tpl.name, template_hash=tpl.source_hash, workload={"H": 256, "batch": 1, "shards": 2},
+                 arch="sm_90", shards=2, device="test GPU", compute_units=132,
+                 knobs={"threads": 128, "vec": 2, "protocol": "ll", "blocks": 1}, latency_us=3.0,
+                 latency_spread_us=0.1, runs=50, bandwidth_gbps=10.0, max_rel_error=1e-4, trials=8,
+                 tvm_version=installed_tvm_version())
+    too_wide = dataclasses.replace(rec, knobs={**rec.knobs, "blocks": 4}, latency_us=1.0)   # 128 * 2 * 4 > 256
+    no_cluster = dataclasses.replace(rec, arch="sm_80", workload={**rec.workload, "H": 1024},
+                                     knobs={**rec.knobs, "blocks": 2}, latency_us=1.0)
+    path = tmp_path / "t.db"
+    with TuningDB(path) as db:
+        db.add(rec)
+        with pytest.raises(RecordError, match="threads \\* vec \\* blocks must divide H"):
+            db.add(too_wide)
+        with pytest.raises(RecordError, match="a cluster of blocks needs sm_90"):
+            db.add(no_cluster)
+        assert len(db) == 1
+    with sqlite3.connect(path) as conn:   # written the way a hand edit would: straight into SQLite
+        row = to_row(too_wide)
+        conn.execute(f"INSERT INTO records ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                     list(row.values()))
+    conn.close()
+    with TuningDB.open_existing(path) as db:
+        assert db.best(tpl.name, rec.workload, "sm_90", 2) == rec   # the faster, refused one is skipped
+        valid, stale = db.validate()
+        assert valid == [rec] and "refuses knobs" in stale[0].reason

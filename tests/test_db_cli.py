@@ -13,7 +13,7 @@ import pytest
 
 from shardtune.database import SCHEMA_VERSION, Record, TuningDB, canonical, export_jsonl
 from shardtune.database.checks import Validator, check_record, installed_tvm_version
-from shardtune.kernels import KnobError, get_template
+from shardtune.kernels import get_template
 
 TEMPLATE = "q4f16_1_gemv"  # a real template, so records are valid in the child process too
 
@@ -24,16 +24,14 @@ def shardtune(*args, env=None):
 
 
 def _knobs_in_space(tpl) -> dict:
-    """Some knob setting the template accepts, whatever its space looks like."""
-    for space in (getattr(tpl, "gpu_knobs", None), getattr(tpl, "cpu_knobs", None), tpl.knob_space):
-        if space:
-            knobs = {name: values[0] for name, values in space.items()}
-            try:
-                tpl.validate_knobs(knobs)
-                return knobs
-            except KnobError:
-                pass
-    raise AssertionError(f"no valid knobs found for {tpl.name}")
+    """A knob setting the template accepts for the records' GEMV shapes on sm_90, as a tuner stores."""
+    from shardtune.tuner.targets import get_arch, target_of
+
+    target = target_of(get_arch("sm_90"))
+    knobs = tpl.default_knobs({"N": 4096, "K": 4096, "batch": 1, "quant": "q4f16_1"}, target)
+    for n in (4096, 2048):
+        assert tpl.check({"N": n, "K": 4096, "batch": 1, "quant": "q4f16_1"}, knobs, target) is None
+    return knobs
 
 
 @pytest.fixture
