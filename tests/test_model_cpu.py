@@ -358,7 +358,8 @@ def test_build_keeps_dlight_where_it_beat_the_record(tmp_path, baseline_us, sour
     from shardtune.kernels import get_template
     from shardtune.tuner.targets import get_arch, target_of
 
-    tpl, wl = get_template("q4f16_1_gemv"), {"batch": 1, "N": 256, "K": 512, "quant": "q4f16_1"}
+    # K wide enough that every tx below is a setting the template accepts (records it refuses are skipped)
+    tpl, wl = get_template("q4f16_1_gemv"), {"batch": 1, "N": 256, "K": 8192, "quant": "q4f16_1"}
     target = target_of(get_arch("sm_90"))
     tag = _json.dumps({"template": tpl.name, "workload": wl, "site": "qkv"}, sort_keys=True)
     func = tpl.compute(wl).with_attr(KERNEL_ATTR, tag).with_attr("op_pattern", 8).with_attr("global_symbol", "k")
@@ -383,7 +384,8 @@ def test_build_prefers_records_of_its_own_gpu(tmp_path):
     from shardtune.kernels import get_template
     from shardtune.tuner.targets import get_arch, target_of
 
-    tpl, wl = get_template("q4f16_1_gemv"), {"batch": 1, "N": 256, "K": 512, "quant": "q4f16_1"}
+    # K wide enough that every tx below is a setting the template accepts (records it refuses are skipped)
+    tpl, wl = get_template("q4f16_1_gemv"), {"batch": 1, "N": 256, "K": 8192, "quant": "q4f16_1"}
     target = target_of(get_arch("sm_90"))
     tag = _json.dumps({"template": tpl.name, "workload": wl, "site": "qkv"}, sort_keys=True)
     func = tpl.compute(wl).with_attr(KERNEL_ATTR, tag).with_attr("op_pattern", 8).with_attr("global_symbol", "k")
