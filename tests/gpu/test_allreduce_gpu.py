@@ -16,7 +16,6 @@ import tvm
 from shardtune.compiler.pdl import pdl_pipeline
 from shardtune.kernels import get_template
 from shardtune.kernels.allreduce_add_norm import comm_bytes, comm_regions
-from shardtune.kernels.rms_norm import EPS
 from shardtune.tuner.targets import get_arch, local_gpu_arch
 
 TPL = get_template("allreduce_add_norm")
@@ -57,13 +56,16 @@ def test_fused_allreduce_norm_matches_reference_on_gpu(shards):
                                    rtol=2e-3, err_msg=str(knobs))
 
 
-def _ranks_reference(partials, residual, weight, rank):
-    """What rank `rank` computes: its own partial first, then the peers' in rank-relative order."""
-    n = len(partials)
-    x = sum(partials[(rank + p) % n].astype(np.float32) for p in range(n))
-    h = (x.astype(np.float16).astype(np.float32) + residual.astype(np.float32)).astype(np.float16)
-    hf = h.astype(np.float32)
-    return (hf / np.sqrt(np.mean(hf * hf) + EPS) * weight.astype(np.float32)).astype(np.float16), h
+def _rank_reference(partials, residual, weight, rank):
+    """(y, h) of rank `rank`: the template's reference on the inputs as that rank sees them, the
+    peers' partials in its rank-relative order (in both slots, so the round does not matter)."""
+    n, H = len(partials), residual.shape[-1]
+    comm = [np.stack([partials[(rank + p) % n]] * 2) for p in range(n)]
+    flags = [np.zeros(n, np.int32) for _ in range(n)]
+    lines = [np.zeros((2, n, H // 2, 2), np.int32) for _ in range(n)]
+    out = [np.zeros((1, H), np.float16)] * 2
+    y, h = TPL.reference([partials[rank][None], residual, weight, *comm, *flags, *lines, *out])
+    return y[0], h[0]
 
 
 @pytest.mark.parametrize("shards,knobs,pdl", [
@@ -114,7 +116,7 @@ def test_fused_allreduce_ranks_on_one_gpu(shards, knobs, pdl):
             assert time.time() < deadline, f"round {rnd}: the ranks did not finish (barrier) with {knobs}"
             time.sleep(0.01)
         for r in range(shards):
-            y_ref, h_ref = _ranks_reference(partials, residual[0], weight, r)
+            y_ref, h_ref = _rank_reference(partials, residual, weight, r)
             np.testing.assert_array_equal(outs[r][1].numpy()[0], h_ref, err_msg=f"rank {r} round {rnd} {knobs}")
             np.testing.assert_allclose(outs[r][0].numpy()[0].astype(np.float32), y_ref.astype(np.float32),
                                        atol=2e-3, rtol=2e-3, err_msg=f"rank {r} round {rnd} {knobs}")
