@@ -117,7 +117,6 @@ register_cuda_helper("st_cluster_wait", ST_CLUSTER_CUDA)
 
 
 def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool, blocks: int = 1):
-    import tvm
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
@@ -151,6 +150,7 @@ def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool, bl
                 launch.enter_context(T.launch_thread(tx, threads))
             else:
                 tx = 0
+            leader = tx == 0 if blocks == 1 else T.And(bx == 0, tx == 0)   # posts flags and the round
 
             if gpu and blocks > 1:
                 # The cluster's sums of squares: written by the other blocks while this one may still
@@ -232,7 +232,7 @@ def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool, bl
                 copy(comm[0], lambda k, i: [slot, k], xs, lambda k, i: (0, i))
                 if gpu and N > 1:
                     block_sync()   # every copy of the block (or the cluster) is done
-                    with T.If(tx == 0 if blocks == 1 else T.And(bx == 0, tx == 0)):
+                    with T.If(leader):
                         with T.Then():
                             T.evaluate(T.call_extern("int32", "__threadfence_system"))   # ... and visible
                             for p in range(1, N):
@@ -288,7 +288,7 @@ def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool, bl
                 if blocks == 1:
                     T.evaluate(T.tvm_storage_sync("shared"))   # everyone has read the counter
                 # (with several blocks, the cluster barrier of the norm already said so)
-                with T.If(tx == 0 if blocks == 1 else T.And(bx == 0, tx == 0)):
+                with T.If(leader):
                     with T.Then():
                         T.buffer_store(flags[0], rnd[0], [0])
             else:

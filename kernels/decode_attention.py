@@ -196,15 +196,16 @@ def _merge_kernel(wl: dict, parts: int, part_size):
     return merge
 
 
-def _gpu_mma_func(wl: dict, parts: int, threads: int, unroll: int):
+def _gpu_mma_func(wl: dict, parts: int, threads: int, unroll: int, cluster: int):
     part_size = partition_rows(parts, mma_step(threads, unroll))
-    partial = attention_mma.partial_kernel(wl, parts, threads, unroll, part_size)
-    return _two_kernels(wl, partial, _merge_kernel(wl, parts, part_size))
+    partial = attention_mma.partial_kernel(wl, parts, threads, unroll, part_size, bool(cluster))
+    return _two_kernels(wl, partial, None if cluster else _merge_kernel(wl, parts, part_size))
 
 
 def _two_kernels(wl: dict, partial, merge):
     """The GPU function: kernel 1 (`partial`, a T.macro) writes each partition's softmax state
-    to the scratch, kernel 2 (`merge`) combines the partitions."""
+    to the scratch, kernel 2 (`merge`) combines the partitions. Without `merge`, kernel 1 writes
+    `out` itself (and the scratch stays unused)."""
     Hq, Hkv, D, C, dt = _dims(wl)
     P = scratch_parts(wl)
 
@@ -214,8 +215,9 @@ def _two_kernels(wl: dict, partial, merge):
                              out: T.Buffer((1, Hq * D), dt), part_acc: T.Buffer((Hq, P, D), F32),
                              part_ml: T.Buffer((Hq, P, 2), F32)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        partial(q, k_cache, v_cache, pos, part_acc, part_ml)
-        merge(pos, out, part_acc, part_ml)
+        partial(q, k_cache, v_cache, pos, out, part_acc, part_ml)
+        if merge is not None:
+            merge(pos, out, part_acc, part_ml)
 
     return decode_attention_gpu
 
@@ -224,9 +226,10 @@ def mma_step(threads: int, unroll: int) -> int:
     return 16 * (threads // 32) * unroll   # 16 rows per warp and tile
 
 
-def _gpu_func(wl: dict, parts: int, threads: int, tpt: int, vec: int, unroll: int, kv_split: int, mma: int):
+def _gpu_func(wl: dict, parts: int, threads: int, tpt: int, vec: int, unroll: int, kv_split: int, mma: int,
+              cluster: int):
     if mma:
-        return _gpu_mma_func(wl, parts, threads, unroll)
+        return _gpu_mma_func(wl, parts, threads, unroll, cluster)
     Hq, Hkv, D, C, dt = _dims(wl)
     G = Hq // Hkv
     GB, NTOK, NW = G // kv_split, threads // tpt, threads // 32   # query heads, rows at once, warps
@@ -252,7 +255,7 @@ def _gpu_func(wl: dict, parts: int, threads: int, tpt: int, vec: int, unroll: in
                         regs[u, j * vec + e] = T.Cast(dt, 0)
 
     @T.macro
-    def partial(q, k_cache, v_cache, pos, part_acc, part_ml):
+    def partial(q, k_cache, v_cache, pos, out, part_acc, part_ml):
         # Kernel 1: block (partition bp, query-head group bh of KV head bh // kv_split) runs an
         # online softmax over its rows, STEP at a time; K and V rows of a step load together.
         for bp in T.thread_binding(parts, thread="blockIdx.x"):
@@ -381,6 +384,7 @@ class DecodeAttention(Template):
         "unroll": [1, 2, 4],               # rows each thread loads before using them (in flight)
         "kv_split": [1, 2, 4, 8],          # blocks sharing a KV head's query heads (1: K/V read once)
         "mma": [0, 1],                     # 1: kernel 1 on tensor cores (attention_mma.py; fp16, sm_80+)
+        "cluster": [0, 1],                 # 1: a KV head's partitions merge in one cluster, no kernel 2 (mma, sm_90)
     }
     cpu_knobs = {
         "tile": [1, 8, 32],                # scores computed per online-softmax rescale
@@ -413,6 +417,8 @@ class DecodeAttention(Template):
             return "kv_split must divide the query heads per KV head"
         if knobs["mma"]:
             return self._check_mma(wl, knobs, target)
+        if knobs["cluster"]:
+            return "cluster=1 needs mma=1"
         step = threads // tpt * knobs["unroll"]
         GB, EPL = G // knobs["kv_split"], D // tpt
         # q and the accumulators (fp32), K and V rows, scores: ptxas gave ~200 registers at 192 here
@@ -434,8 +440,13 @@ class DecodeAttention(Template):
             return "mma=1 maps threads itself: tpt=4, vec=8, kv_split=1 stand for it"
         if attention_mma.registers(D, unroll) > 200:
             return "too many values per thread for registers"
+        if knobs["cluster"]:
+            if int(arch[3:].rstrip("a")) < 90:
+                return "cluster=1 needs sm_90 or newer (thread block clusters)"
+            if knobs["parts"] > 16 or G * D % knobs["parts"]:
+                return "cluster=1 needs at most 16 partitions (a cluster's blocks), dividing the heads' outputs"
         return _check_fits(wl, knobs["parts"], mma_step(threads, unroll),
-                           attention_mma.shared_bytes(G, D, threads // 32), target)
+                           attention_mma.shared_bytes(G, D, threads // 32, knobs["parts"] * knobs["cluster"]), target)
 
     def default_knobs(self, wl, target):
         if not target_is_gpu(target):
@@ -453,7 +464,7 @@ class DecodeAttention(Template):
                     for p in parts:
                         for threads, unroll in ((128, 2), (256, 1), (64, 4), (128, 1), (64, 2), (64, 1)):
                             knobs = {"parts": p, "threads": threads, "tpt": tpt, "vec": vec,
-                                     "unroll": unroll, "kv_split": kv_split, "mma": 0}
+                                     "unroll": unroll, "kv_split": kv_split, "mma": 0, "cluster": 0}
                             if self.check(wl, knobs, target) is None:
                                 return knobs
         raise ValueError(f"{self.name}: no valid knobs for {wl}")
@@ -461,8 +472,8 @@ class DecodeAttention(Template):
     def seed_knobs(self, wl, target):
         """Tensor-core settings for the search to measure first: TPE alone would seldom draw
         mma=1 together with the one tpt/vec/kv_split that stand for it."""
-        seeds = [{"parts": p, "threads": t, "tpt": 4, "vec": 8, "unroll": u, "kv_split": 1, "mma": 1}
-                 for t, u in ((128, 1), (256, 1), (128, 2)) for p in (16, 32, 64)]
+        seeds = [{"parts": p, "threads": t, "tpt": 4, "vec": 8, "unroll": u, "kv_split": 1, "mma": 1, "cluster": c}
+                 for t, u in ((128, 1), (256, 1), (128, 2)) for p, c in ((16, 0), (32, 0), (64, 0), (8, 1), (16, 1))]
         return [k for k in seeds if target_is_gpu(target) and self.check(wl, k, target) is None]
 
     def schedule(self, wl, knobs, target):
