@@ -69,3 +69,23 @@ def make_record(db_template):
         return Record(**fields)
 
     return make
+
+
+@pytest.fixture
+def rank_reference():
+    """rank_reference(partials, residual, weight, rank) -> (y, h) of the fused all-reduce on rank
+    `rank` of N: the template's reference on the inputs as that rank sees them, the peers' partials
+    in its rank-relative order (in both slots, so the round does not matter)."""
+    import numpy as np
+
+    tpl = kernels.get_template("allreduce_add_norm")
+
+    def reference(partials, residual, weight, rank):
+        n, H = len(partials), residual.shape[-1]
+        comm = [np.stack([partials[(rank + p) % n]] * 2) for p in range(n)]
+        flags = [np.zeros(n, np.int32) for _ in range(n)]
+        lines = [np.zeros((2, n, H // 2, 2), np.int32) for _ in range(n)]
+        out = [np.zeros((1, H), np.float16)] * 2
+        y, h = tpl.reference([partials[rank][None], residual, weight, *comm, *flags, *lines, *out])
+        return y[0], h[0]
+    return reference

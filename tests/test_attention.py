@@ -1,12 +1,8 @@
 """The decode-step templates (rope_kv_append, decode_attention): numerics against NumPy on the
 CPU, CUDA (and ROCm) code generation, the GPU kernels' numerics with their generated CUDA C run
 on CPU threads (no GPU here), Relax call_tir_inplace, knobs and workloads."""
-import ctypes
 import itertools
-import os
-import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -14,10 +10,10 @@ import tvm
 
 from shardtune.errors import UserError
 from shardtune.kernels import KnobError, get_template
-from shardtune.kernels.allreduce_add_norm import ST_CLUSTER_CUDA
 from shardtune.kernels.rope_kv_append import Inputs
 from shardtune.tuner.measure import run_poisoned
 from shardtune.tuner.targets import get_arch, target_of
+from emulator import emulate   # tests/ is on sys.path under pytest: generated CUDA C on CPU threads
 
 CPU = target_of(get_arch("cpu"))
 SM90 = target_of(get_arch("sm_90"))
@@ -194,169 +190,6 @@ def test_rocm_code_generation():
         pytest.skip(str(e))
     for tpl, wl in ((ATTN, {**TINY, "length": 128}), (ROPE, {**TINY, "theta": 1e4})):
         tvm.compile(tpl.schedule(wl, tpl.default_knobs(wl, target), target), target=target)
-
-
-# The generated CUDA C, compiled for the host: one OS thread per GPU thread, a barrier per block
-# (__syncthreads) and one per warp (shuffles). Blocks run one after another, except the blocks of a
-# thread block cluster, which run together: each has its own shared memory (NaN-filled, so a read
-# before a write shows), and the st_cluster_* helpers reach the others' and wait at the cluster's
-# barrier.
-EMULATOR = r"""
-#include <barrier>
-#include <cmath>
-#include <cstring>
-#include <optional>
-#include <thread>
-#include <vector>
-#define __device__
-#define __host__
-#define __global__
-#define __launch_bounds__(n)
-#include <vector_types.h>
-#include <vector_functions.h>
-#include <cuda_fp16.h>
-struct emu_dim { unsigned x, y, z; };
-thread_local emu_dim threadIdx, blockIdx;
-struct emu_block_state {   // what the threads of one block share
-  std::barrier<>* block;
-  std::vector<std::barrier<>*> warps;
-  unsigned long long slot[1024];
-  float frag[1024][12];
-  std::vector<char> shared = std::vector<char>(1 << 18, static_cast<char>(0xff));
-};
-thread_local emu_block_state* emu_b;
-thread_local size_t emu_shared_used;
-thread_local unsigned emu_rank;                      // within the cluster
-thread_local std::vector<emu_block_state*>* emu_cluster_blocks;
-thread_local std::barrier<>* emu_cluster;
-thread_local std::optional<std::barrier<>::arrival_token> emu_cluster_token;
-static void* emu_shared(size_t bytes, size_t align) {   // the same offsets in every thread of a block
-  emu_shared_used = (emu_shared_used + align - 1) / align * align;
-  void* p = emu_b->shared.data() + emu_shared_used;
-  emu_shared_used += bytes;
-  return p;
-}
-static inline void __syncthreads() { emu_b->block->arrive_and_wait(); }
-template <typename T> static T __shfl_sync(unsigned, T v, int src, int width) {
-  unsigned tid = threadIdx.x, lane = tid % 32, w = tid / 32;
-  unsigned long long bits = 0;
-  std::memcpy(&bits, &v, sizeof(T));
-  emu_b->slot[tid] = bits;
-  emu_b->warps[w]->arrive_and_wait();
-  bits = emu_b->slot[w * 32 + (lane & ~(width - 1)) + (src & (width - 1))];
-  emu_b->warps[w]->arrive_and_wait();
-  std::memcpy(&v, &bits, sizeof(T));
-  return v;
-}
-static int st_cluster_put(float* slot, int rank, float value) {
-  *reinterpret_cast<float*>((*emu_cluster_blocks)[rank]->shared.data() + (reinterpret_cast<char*>(slot) - emu_b->shared.data())) = value;
-  return 0;
-}
-static int st_cluster_arrive() { emu_cluster_token.emplace(emu_cluster->arrive()); return 0; }
-static int st_cluster_wait() { emu_cluster->wait(std::move(*emu_cluster_token)); emu_cluster_token.reset(); return 0; }
-static int st_cluster_sync() { emu_cluster->arrive_and_wait(); return 0; }
-static unsigned tvm_builtin_cluster_ctaid_x() { return emu_rank; }
-// mma.m16n8k16 (attention_mma.py) for one warp: every lane leaves its fragments, each takes its d.
-#define SHARDTUNE_EMULATED_MMA
-static int st_mma_16816(float* d, half a0, half a1, half a2, half a3, half a4, half a5, half a6, half a7,
-                        half b0, half b1, half b2, half b3) {
-  unsigned tid = threadIdx.x, lane = tid % 32, w = tid / 32;
-  half in[12] = {a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3};
-  auto& frag = emu_b->frag;
-  for (int i = 0; i < 12; ++i) frag[tid][i] = __half2float(in[i]);
-  emu_b->warps[w]->arrive_and_wait();
-  auto A = [&](int m, int k) {  // a0,a1: row grp, cols 2t,2t+1; a2,a3: row +8; a4..a7: cols +8
-    return frag[w * 32 + 4 * (m % 8) + (k % 8) / 2][(k / 8) * 4 + (m / 8) * 2 + k % 2];
-  };
-  auto B = [&](int k, int n) { return frag[w * 32 + 4 * n + (k % 8) / 2][8 + (k / 8) * 2 + k % 2]; };
-  float out[4];
-  for (int i = 0; i < 4; ++i) {
-    int m = lane / 4 + 8 * (i / 2), n = 2 * (lane % 4) + i % 2;
-    out[i] = 0;
-    for (int k = 0; k < 16; ++k) out[i] += A(m, k) * B(k, n);
-  }
-  emu_b->warps[w]->arrive_and_wait();
-  for (int i = 0; i < 4; ++i) d[i] += out[i];
-  return 0;
-}
-static inline int max(int a, int b) { return a > b ? a : b; }
-static inline int min(int a, int b) { return a < b ? a : b; }
-static inline float max(float a, float b) { return fmaxf(a, b); }
-static inline float min(float a, float b) { return fminf(a, b); }
-static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
-template <typename F> static void emu_launch(F kernel, unsigned gx, unsigned gy, unsigned threads, unsigned cluster) {
-  for (unsigned by = 0; by < gy; ++by)
-    for (unsigned bx0 = 0; bx0 < gx; bx0 += cluster) {
-      std::barrier<> cluster_barrier(cluster * threads);
-      std::vector<emu_block_state*> blocks;
-      for (unsigned r = 0; r < cluster; ++r) {
-        auto* b = new emu_block_state;
-        b->block = new std::barrier<>(threads);
-        for (unsigned w = 0; w < (threads + 31) / 32; ++w) b->warps.push_back(new std::barrier<>(32));
-        blocks.push_back(b);
-      }
-      std::vector<std::thread> ts;
-      for (unsigned r = 0; r < cluster; ++r)
-        for (unsigned t = 0; t < threads; ++t)
-          ts.emplace_back([&, r, t] {
-            threadIdx = {t, 0, 0};
-            blockIdx = {bx0 + r, by, 0};
-            emu_b = blocks[r];
-            emu_shared_used = 0;
-            emu_rank = r;
-            emu_cluster_blocks = &blocks;
-            emu_cluster = &cluster_barrier;
-            kernel();
-          });
-      for (auto& t : ts) t.join();
-      for (auto* b : blocks) {
-        for (auto* w : b->warps) delete w;
-        delete b->block;
-        delete b;
-      }
-    }
-}
-"""
-CUDA_INCLUDE = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
-
-
-def emulate(src, tmp_path):
-    """{kernel name: launch(arrays by parameter name, grid x, grid y, cluster size)} for generated CUDA C."""
-    if not shutil.which("g++") or not os.path.exists(os.path.join(CUDA_INCLUDE, "cuda_fp16.h")):
-        pytest.skip("needs g++ and the CUDA headers")
-    if int(subprocess.run(["g++", "-dumpversion"], capture_output=True, text=True).stdout.split(".")[0]) < 11:
-        pytest.skip("needs g++ 11 or newer (std::barrier)")
-    # Shared arrays into the block's own memory; the device-side definitions the emulator replaces out.
-    src = re.sub(r"__shared__ alignas\((\d+)\) ([\w ]+?) (\w+)\[(\d+)\];",
-                 r"\2* \3 = static_cast<\2*>(emu_shared(sizeof(\2) * \4, \1));", src)
-    assert "__shared__" not in src, "a shared declaration the emulator does not know"
-    src = src.replace(ST_CLUSTER_CUDA, "")
-    src = re.sub(r"__forceinline__ __device__ unsigned int tvm_builtin_cluster_ctaid_x\(\) \{.*?\n\}\n", "", src,
-                 flags=re.S)
-    kernels = re.findall(r'extern "C" __global__ void __launch_bounds__\((\d+)\) (\w+)\(([^)]*)\) \{', src)
-    params = {name: [p.strip().rsplit(" ", 1) for p in ps.split(",")] for _, name, ps in kernels}
-    wrappers = "".join(
-        f'extern "C" void emu_{name}(void** a, unsigned gx, unsigned gy, unsigned cluster) {{\n'
-        + "".join(f"  auto {n} = ({t.replace('__restrict__', '').strip()})a[{i}];\n"
-                  for i, (t, n) in enumerate(params[name]))
-        + f"  emu_launch([=] {{ {name}({', '.join(n for _, n in params[name])}); }}, gx, gy, {threads}, cluster);\n}}\n"
-        for threads, name, _ in kernels)
-    # A new file per build: rewriting a loaded library would change code that is mapped.
-    n = len(list(tmp_path.glob("k*.so")))
-    cc, so = tmp_path / f"k{n}.cc", tmp_path / f"k{n}.so"
-    cc.write_text(EMULATOR + src + wrappers)
-    subprocess.run(["g++", "-std=c++20", "-O0", "-w", "-shared", "-fPIC", "-I", CUDA_INCLUDE, str(cc), "-o", str(so),
-                    "-lpthread"], check=True)
-    lib = ctypes.CDLL(str(so))
-
-    def launcher(name):
-        names = [n.removesuffix("_ptr") for _, n in params[name]]
-
-        def launch(arrays, gx, gy=1, cluster=1):   # clusters of `cluster` blocks along x
-            ptrs = (ctypes.c_void_p * len(names))(*[arrays[n].ctypes.data for n in names])
-            getattr(lib, "emu_" + name)(ptrs, ctypes.c_uint(gx), ctypes.c_uint(gy), ctypes.c_uint(cluster))
-        return launch
-    return {name: launcher(name) for name in sorted(params)}
 
 
 MMA = {"mma": 1, "tpt": 4, "vec": 8, "kv_split": 1, "cluster": 0}   # tensor-core kernel 1 (attention_mma.py)

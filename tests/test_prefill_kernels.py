@@ -13,7 +13,7 @@ from shardtune.kernels import get_template
 from shardtune.kernels.rope_kv_append import Inputs
 from shardtune.tuner.measure import run_poisoned
 from shardtune.tuner.targets import get_arch, target_of
-from test_attention import emulate   # tests/ is on sys.path under pytest: generated CUDA C on CPU threads
+from emulator import emulate   # tests/ is on sys.path under pytest: generated CUDA C on CPU threads
 
 CPU = target_of(get_arch("cpu"))
 SM90 = target_of(get_arch("sm_90"))

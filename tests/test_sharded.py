@@ -257,3 +257,63 @@ def test_doctor_says_whether_multi_gpu_runs_can_work_here():
     assert res.returncode == 0
     line = next(line for line in res.stdout.splitlines() if line.startswith("multi-GPU"))
     assert "NCCL backend buildable" in line or "not found" in line
+
+
+@pytest.mark.parametrize("shards,knobs", [
+    (2, {"threads": 128, "vec": 2, "protocol": "ll", "blocks": 2}),
+    (2, {"threads": 128, "vec": 2, "protocol": "flag", "blocks": 2}),
+    (4, {"threads": 128, "vec": 4, "protocol": "ll", "blocks": 1}),
+    (4, {"threads": 128, "vec": 4, "protocol": "flag", "blocks": 1}),
+    (4, {"threads": 128, "vec": 2, "protocol": "ll", "blocks": 4}),
+    (8, {"threads": 128, "vec": 8, "protocol": "flag", "blocks": 1}),
+], ids=["ll-cluster-tp2", "flag-cluster-tp2", "ll-tp4", "flag-tp4", "ll-cluster-tp4", "flag-tp8"])
+def test_allreduce_add_norm_ranks_on_cpu_threads(shards, knobs, rank_reference, tmp_path):
+    """The real peer protocol without GPUs: the sm_90 CUDA C of the kernel on CPU threads
+    (tests/emulator.py), N ranks launched at once, each with its own peer-visible buffer and the
+    others' as its peers'. Three rounds with new partials: both slots, the round counter, the
+    flags or lines of each round, and on a cluster the norm's sum shared between its blocks."""
+    import threading
+
+    import numpy as np
+    import tvm
+
+    from emulator import emulate
+    from shardtune.kernels import get_template
+    from shardtune.kernels.allreduce_add_norm import comm_bytes, comm_regions
+    from shardtune.tuner.targets import get_arch, target_of
+
+    tpl, sm90, H = get_template("allreduce_add_norm"), target_of(get_arch("sm_90")), 1024
+    wl = {"H": H, "shards": shards, "batch": 1}
+    assert tpl.check(wl, knobs, sm90) is None
+    (kernel,) = emulate(tvm.compile(tpl.schedule(wl, knobs, sm90), target=sm90).mod.imports[0].inspect_source(),
+                        tmp_path).values()
+    rng = np.random.default_rng(shards)
+    own = [np.zeros(comm_bytes(H, shards), np.uint8) for _ in range(shards)]
+    residual = rng.standard_normal((1, H)).astype(np.float16)
+    weight = (1 + 0.1 * rng.standard_normal(H)).astype(np.float16)
+    ranks = []
+    for r in range(shards):   # rank r's view: its slots, flags and lines first, then its peers' in order
+        arrays = {"residual": residual, "weight": weight, "y": np.zeros((1, H), np.float16),
+                  "h": np.zeros((1, H), np.float16)}
+        for (at, shape, dtype), name in zip(comm_regions(H, shards), ("comm", "flags", "lines")):
+            for p in range(shards):
+                region = own[(r + p) % shards][at:at + int(np.prod(shape)) * np.dtype(dtype).itemsize]
+                arrays[f"{name}_{p}"] = region.view(dtype).reshape(shape)
+        ranks.append(arrays)
+    for rnd in range(1, 4):
+        partials = [rng.standard_normal(H).astype(np.float16) for _ in range(shards)]
+        for r in range(shards):
+            ranks[r]["partial"] = partials[r][None]
+        threads = [threading.Thread(target=kernel, args=(ranks[r], knobs["blocks"], 1, knobs["blocks"]), daemon=True)
+                   for r in range(shards)]
+        for t in threads:
+            t.start()
+        for t in threads:   # a broken barrier spins forever: fail, do not hang
+            t.join(timeout=120)
+            assert not t.is_alive(), f"round {rnd}: the ranks did not finish (barrier) with {knobs}"
+        for r in range(shards):
+            y_ref, h_ref = rank_reference(partials, residual, weight, r)
+            np.testing.assert_array_equal(ranks[r]["h"][0], h_ref, err_msg=f"rank {r} round {rnd}")
+            np.testing.assert_allclose(ranks[r]["y"][0].astype(np.float32), y_ref.astype(np.float32), atol=2e-3,
+                                       rtol=2e-3, err_msg=f"rank {r} round {rnd}")
+            assert ranks[r]["flags_0"][0] == rnd   # the round counter moved on

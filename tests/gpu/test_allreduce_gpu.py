@@ -5,7 +5,7 @@
 2. N ranks on one GPU: N copies of the kernel at once, one stream each, every rank with its own
    peer-visible buffer and the others' as its peers', exactly as N GPUs see each other. This runs
    the real protocol (stores, flags or lines, rounds, both slots) without N GPUs; the cross-GPU
-   version is tests/gpu/test_sharded_gpu.py."""
+   version is tests/gpu/test_sharded_gpu.py, the CPU one (no GPU at all) tests/test_sharded.py."""
 import itertools
 import time
 
@@ -56,18 +56,6 @@ def test_fused_allreduce_norm_matches_reference_on_gpu(shards):
                                    rtol=2e-3, err_msg=str(knobs))
 
 
-def _rank_reference(partials, residual, weight, rank):
-    """(y, h) of rank `rank`: the template's reference on the inputs as that rank sees them, the
-    peers' partials in its rank-relative order (in both slots, so the round does not matter)."""
-    n, H = len(partials), residual.shape[-1]
-    comm = [np.stack([partials[(rank + p) % n]] * 2) for p in range(n)]
-    flags = [np.zeros(n, np.int32) for _ in range(n)]
-    lines = [np.zeros((2, n, H // 2, 2), np.int32) for _ in range(n)]
-    out = [np.zeros((1, H), np.float16)] * 2
-    y, h = TPL.reference([partials[rank][None], residual, weight, *comm, *flags, *lines, *out])
-    return y[0], h[0]
-
-
 @pytest.mark.parametrize("shards,knobs,pdl", [
     (2, {"threads": 1024, "vec": 2, "protocol": "ll", "blocks": 1}, False),
     (2, {"threads": 256, "vec": 8, "protocol": "flag", "blocks": 1}, False),
@@ -80,7 +68,7 @@ def _rank_reference(partials, residual, weight, rank):
     (4, {"threads": 256, "vec": 2, "protocol": "ll", "blocks": 8}, True),
     (2, {"threads": 128, "vec": 8, "protocol": "flag", "blocks": 4}, True),
 ])
-def test_fused_allreduce_ranks_on_one_gpu(shards, knobs, pdl):
+def test_fused_allreduce_ranks_on_one_gpu(shards, knobs, pdl, rank_reference):
     torch = pytest.importorskip("torch")
     import tvm_ffi
 
@@ -116,7 +104,7 @@ def test_fused_allreduce_ranks_on_one_gpu(shards, knobs, pdl):
             assert time.time() < deadline, f"round {rnd}: the ranks did not finish (barrier) with {knobs}"
             time.sleep(0.01)
         for r in range(shards):
-            y_ref, h_ref = _rank_reference(partials, residual, weight, r)
+            y_ref, h_ref = rank_reference(partials, residual, weight, r)
             np.testing.assert_array_equal(outs[r][1].numpy()[0], h_ref, err_msg=f"rank {r} round {rnd} {knobs}")
             np.testing.assert_allclose(outs[r][0].numpy()[0].astype(np.float32), y_ref.astype(np.float32),
                                        atol=2e-3, rtol=2e-3, err_msg=f"rank {r} round {rnd} {knobs}")
