@@ -301,6 +301,7 @@ def _kernel(N: int, H: int, threads: int, vec: int, protocol: str, gpu: bool, bl
 class AllReduceAddNorm(Template):
     name = "allreduce_add_norm"
     dlight_baseline = False
+    bandwidth_bound = False   # its time is round trips between GPUs: `tune` shows no "% copy"
     gpu_knobs = {
         "threads": [128, 256, 512, 1024],   # a block's; each thread owns H / (threads * blocks) values ...
         "vec": [1, 2, 4, 8],                # ... in chunks of `vec` contiguous fp16 (8: one 16-byte load)

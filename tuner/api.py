@@ -210,7 +210,9 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
             store.add_many(recs)
             stored += recs
             top = recs[0]
-            pct = 100 * top.bandwidth_gbps / copy_gbps if on_gpu else float("nan")
+            # A template whose time is round trips, not bytes (bandwidth_bound = False), shows no share.
+            bound = getattr(tpl, "bandwidth_bound", True)   # not on the base class: it would stale every record
+            pct = 100 * top.bandwidth_gbps / copy_gbps if on_gpu and bound else float("nan")
             rows.append(Row(tpl.name, shape, top.latency_us, top.bandwidth_gbps, pct,
                             baseline.latency_us, res.spent, top.status))
         bar.close()
