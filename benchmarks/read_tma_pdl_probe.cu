@@ -151,39 +151,38 @@ __global__ void cluster_read(const char* __restrict__ kv, int rows, int heads, i
   if (acc == 0x9e3779b9u) sink[0] = acc;
 }
 
-static void launch_cluster(const int P, int threads, int chunk, int stages, const char* kv, float* out, unsigned* sink,
-                           bool pdl, cudaStream_t st) {
-  const int heads = 4, rows = 4096;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(heads * P);
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = P * 4096 + (size_t)stages * chunk;
-  cfg.stream = st;
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = P;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 2 : 1;
-  CHECK(cudaLaunchKernelEx(&cfg, cluster_read, kv, rows, heads, chunk, stages, out, sink, pdl));
-}
-
-// Whether the GPU can place one cluster of P such blocks at all (16 is beyond the portable 8).
-static bool cluster_fits(int P, int threads, size_t smem) {
+// 4 KV heads x P blocks in clusters of P; `attr` has room for a second (PDL) attribute.
+static cudaLaunchConfig_t cluster_config(int P, int threads, size_t smem, cudaLaunchAttribute* attr) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(4 * P);
   cfg.blockDim = dim3(threads);
   cfg.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = P;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
+  return cfg;
+}
+
+static void launch_cluster(const int P, int threads, int chunk, int stages, const char* kv, float* out, unsigned* sink,
+                           bool pdl, cudaStream_t st) {
+  cudaLaunchAttribute attr[2];
+  cudaLaunchConfig_t cfg = cluster_config(P, threads, P * 4096 + (size_t)stages * chunk, attr);
+  cfg.stream = st;
+  if (pdl) {
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    cfg.numAttrs = 2;
+  }
+  CHECK(cudaLaunchKernelEx(&cfg, cluster_read, kv, 4096, 4, chunk, stages, out, sink, pdl));   // rows, heads
+}
+
+// Whether the GPU can place one cluster of P such blocks at all (16 is beyond the portable 8).
+static bool cluster_fits(int P, int threads, size_t smem) {
+  cudaLaunchAttribute attr[1];
+  cudaLaunchConfig_t cfg = cluster_config(P, threads, smem, attr);
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, cluster_read, &cfg) != cudaSuccess) { cudaGetLastError(); return false; }
   if (n == 0) fprintf(stderr, "cluster of %d blocks (%d threads, %zu B shared) does not fit\n", P, threads, smem);
