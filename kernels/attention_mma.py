@@ -64,7 +64,7 @@ def registers(D: int, unroll: int) -> int:
 
 def shared_bytes(G: int, D: int, warps: int, cluster_parts: int = 0) -> int:
     """The warps' partials, and with a cluster of `cluster_parts` blocks the slots the others fill."""
-    return 4 * warps * G * (D + 2) + 4 * (G * D + 2 * G * cluster_parts)
+    return 4 * warps * G * (D + 2) + (4 * G * (D + 2 * cluster_parts) if cluster_parts else 0)
 
 
 def partial_kernel(wl: dict, parts: int, threads: int, unroll: int, part_size, cluster: bool = False):
