@@ -89,6 +89,21 @@ def partial_kernel(wl: dict, parts: int, threads: int, unroll: int, part_size, c
         T.evaluate(T.call_extern("int32", "st_cluster_put", T.address_of(slot), rank, value))
 
     @T.macro
+    def block_state(st, wml, g):   # st[2], st[3]: the block's (max, sum) of head g, over its warps
+        st[2] = T.float32(NEG)
+        for k in T.unroll(NW):
+            st[2] = T.max(st[2], wml[k, g, 0])
+        st[3] = T.float32(0)
+        for k in T.unroll(NW):
+            st[3] = st[3] + wml[k, g, 1] * T.exp2(wml[k, g, 0] - st[2])
+
+    @T.macro
+    def warps_sum(st, wsum, e):   # st[2]: output e (head e // D, position e % D) summed over the warps
+        st[2] = T.float32(0)
+        for k in T.unroll(NW):
+            st[2] = st[2] + wsum[k, e // D, e % D]
+
+    @T.macro
     def block(q, k_cache, v_cache, pos, out, part_acc, part_ml, bp, bh, tid):
         with T.sblock("partial_mma"):
             T.reads()
@@ -219,19 +234,11 @@ def partial_kernel(wl: dict, parts: int, threads: int, unroll: int, part_size, c
                 T.evaluate(T.call_extern("int32", "st_cluster_wait"))   # every block started
                 for x in T.unroll(-(-G * D // threads)):   # output e to the owner of its slice
                     if x * threads + tid < G * D:
-                        st[2] = T.float32(0)
-                        for k in T.unroll(NW):
-                            st[2] = st[2] + wsum[k, (x * threads + tid) // D, (x * threads + tid) % D]
+                        warps_sum(st, wsum, x * threads + tid)
                         put(cl_acc[bp, (x * threads + tid) % SL], (x * threads + tid) // SL, st[2])
                 for x in T.unroll(-(-G * parts // threads)):   # head e % G's (max, sum) to block e // G
                     if x * threads + tid < G * parts:
-                        st[2] = T.float32(NEG)
-                        for k in T.unroll(NW):
-                            st[2] = T.max(st[2], wml[k, (x * threads + tid) % G, 0])
-                        st[3] = T.float32(0)
-                        for k in T.unroll(NW):
-                            st[3] = st[3] + wml[k, (x * threads + tid) % G, 1] * T.exp2(
-                                wml[k, (x * threads + tid) % G, 0] - st[2])
+                        block_state(st, wml, (x * threads + tid) % G)
                         put(cl_ml[bp, (x * threads + tid) % G, 0], (x * threads + tid) // G, st[2])
                         put(cl_ml[bp, (x * threads + tid) % G, 1], (x * threads + tid) // G, st[3])
                 T.evaluate(T.call_extern("int32", "st_cluster_sync"))
@@ -250,17 +257,10 @@ def partial_kernel(wl: dict, parts: int, threads: int, unroll: int, part_size, c
             else:
                 for x in T.unroll(-(-G * D // threads)):
                     if x * threads + tid < G * D:
-                        st[2] = T.float32(0)
-                        for k in T.unroll(NW):
-                            st[2] = st[2] + wsum[k, (x * threads + tid) // D, (x * threads + tid) % D]
+                        warps_sum(st, wsum, x * threads + tid)
                         part_acc[bh * G + (x * threads + tid) // D, bp, (x * threads + tid) % D] = st[2]
                 if tid < G:
-                    st[2] = T.float32(NEG)
-                    for k in T.unroll(NW):
-                        st[2] = T.max(st[2], wml[k, tid, 0])
-                    st[3] = T.float32(0)
-                    for k in T.unroll(NW):
-                        st[3] = st[3] + wml[k, tid, 1] * T.exp2(wml[k, tid, 0] - st[2])
+                    block_state(st, wml, tid)
                     part_ml[bh * G + tid, bp, 0] = st[2]
                     part_ml[bh * G + tid, bp, 1] = st[3]
 
