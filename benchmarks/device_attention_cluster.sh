@@ -10,4 +10,4 @@ DB=$OUT/attention.db KERNELS=attention TRIALS=${TRIALS:-128} bash benchmarks/dev
   2>&1 | tail -16
 python3 benchmarks/study_best_by_knob.py "$OUT/attention.studies.db" mma,cluster --template decode_attention \
   --json "$OUT/attention_best_by_cluster.json" 2>&1 | tail -12
-TAIL=8 timeout ${TEST_SECS:-150} bash benchmarks/device_allreduce.sh tests
+TAIL=8 timeout ${TEST_SECS:-300} bash benchmarks/device_allreduce.sh tests

@@ -85,3 +85,34 @@ def test_partial_last_step_matches_reference(name):
             assert m.ok and m.rel_error < tpl.tolerance, (knobs, m.error)
     finally:
         bench.close()
+
+
+@pytest.mark.parametrize("heads,knobs", [
+    ((32, 4), {"parts": 16, "unroll": 1}),    # 70B TP2, 34B TP2: the records builds take at 1024 rows
+    ((40, 40), {"parts": 8, "unroll": 1}),    # 13B TP1
+    ((32, 8), {"parts": 8, "unroll": 2}),     # Llama-3-8B TP1
+])
+def test_cluster_attention_as_a_build_runs_it(heads, knobs):
+    """Decode attention merged inside a cluster, compiled the way a build compiles it (with PDL),
+    one kernel for every length: short ones leave most of the cluster's blocks without rows."""
+    from shardtune.compiler.pdl import pdl_pipeline
+
+    target = tvm.target.Target(get_arch(local_gpu_arch()).target)
+    if not target.attrs["arch"].startswith("sm_9"):
+        pytest.skip("clusters and PDL need sm_90")
+    tpl = get_template("decode_attention")
+    wl = {"batch": 1, "capacity": 4096, "dtype": "float16", "head_dim": 128, "kv_heads": heads[1],
+          "length": 1024, "q_heads": heads[0]}
+    knobs = {"threads": 128, "tpt": 4, "vec": 8, "kv_split": 1, "mma": 1, "cluster": 1, **knobs}
+    assert tpl.check(wl, knobs, target) is None
+    run = tvm.compile(tpl.schedule(wl, knobs, target), target=target, tir_pipeline=pdl_pipeline())["main"]
+    dev, rng = tvm.cuda(0), np.random.default_rng(3)
+    inputs = tpl.inputs(wl, rng)
+    args = [tvm.runtime.tensor(a, dev) for a in inputs]
+    for length in (1, 2, 37, 300, 1024, 4095, 4096):
+        inputs[3][0] = length - 1
+        args[3] = tvm.runtime.tensor(inputs[3], dev)
+        run(*args)
+        ref = tpl.reference(inputs).astype(np.float32)
+        np.testing.assert_allclose(args[4].numpy().astype(np.float32), ref, atol=2e-3, rtol=2e-3,
+                                   err_msg=f"length {length}")
