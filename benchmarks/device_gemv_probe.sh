@@ -17,7 +17,9 @@
 #             stored) and step-major, and flat (pattern_read_probe.py; prepared in session 18, not yet run)
 #   knobs:    each shape's record against the changes of knobs in $TRY (gemv_knob_probe.py --try;
 #             FIRST="KNOB=VALUE ..." for a knob the records lack), same run
-# Usage: bash benchmarks/device_gemv_probe.sh loads|dot8|l2pf|persist|hoist|lop3|decode|bound|pattern|knobs
+#   space:    each shape of $SHAPES ("TEMPLATE:NxK ...") over every knob set its template accepts, then
+#             the record and the 12 fastest again (gemv_knob_probe.py --space), one JSON per shape
+# Usage: bash benchmarks/device_gemv_probe.sh loads|dot8|l2pf|persist|hoist|lop3|decode|bound|pattern|knobs|space
 source benchmarks/device_env.sh || exit 3
 echo "device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)  date: $(date -u +%FT%TZ)" | tee -a "$OUT/run.log"
 P="python3 benchmarks/gemv_source_probe.py database/reference/sm_90.jsonl"
@@ -33,7 +35,11 @@ pattern) TAIL=40 step timeout 400 python3 benchmarks/pattern_read_probe.py datab
            --json "$OUT/pattern_read.json"; exit ;;
 knobs) TAIL=40 step timeout 540 python3 benchmarks/gemv_knob_probe.py database/reference/sm_90.jsonl --builders 15 \
          --rounds 2 $(for f in $FIRST; do echo --first $f; done) --try "$TRY" --json "$OUT/knob_probe.json"; exit ;;
-*) echo "usage: $0 loads|dot8|l2pf|persist|hoist|lop3|decode|bound|pattern|knobs"; exit 2 ;;
+space) for s in $SHAPES; do
+         TAIL=3 step timeout ${SECS:-270} python3 benchmarks/gemv_knob_probe.py database/reference/sm_90.jsonl \
+           --builders 15 --space --keep 12 --rounds 5 --shape $s --json "$OUT/space_${s#*:}.json"
+       done; exit ;;
+*) echo "usage: $0 loads|dot8|l2pf|persist|hoist|lop3|decode|bound|pattern|knobs|space"; exit 2 ;;
 esac
 N=/tmp/ncu; mkdir -p $N
 for shape in 8192x7168 8192x11008; do
