@@ -37,10 +37,4 @@ for prompt in 8 1000; do
     done
   done
 done
-python3 - <<'EOF' | tee -a "$OUT/run.log"
-import glob, json, os
-rows = {os.path.basename(p)[6:-5]: json.load(open(p)) for p in sorted(glob.glob("/tmp/bench_*.json"))}
-json.dump(rows, open(os.environ.get("OUT", "/tmp/out") + "/bench_13b_cluster_ab.json", "w"), indent=1)
-for name, r in rows.items():
-    print(f"{name:22s} decode {r['decode_tok_s']:7.1f} tok/s  runs {[round(x, 1) for x in r['decode_tok_s_runs']]}")
-EOF
+python3 benchmarks/collect_bench.py "$OUT/bench_13b_cluster_ab.json" /tmp/bench_*.json --prefix bench_ | tee -a "$OUT/run.log"
