@@ -59,17 +59,28 @@ class _Space:
 
 
 class _Bench:
-    """Builds nothing and measures the made-up cost surface, in order."""
-    def __init__(self):
-        self.measured, self.source_sha = [], {}
+    """Builds nothing and measures the made-up cost surface. `log` says, in order, which settings
+    were submitted to build ("build") and which measured ("measure")."""
+    def __init__(self, overlap_builds=False):
+        self.overlap_builds, self.measured, self.source_sha, self.log = overlap_builds, [], {}, []
+        self.knobs = {}
 
-    def build_many(self, name, wl, knob_list):
-        self.pending = list(knob_list)
-        return [(f"c{i}", "") for i in range(len(knob_list))]
+    def submit_builds(self, jobs):
+        paths = []
+        for _, _, knobs in jobs:
+            paths.append(f"c{len(self.knobs)}")
+            self.knobs[paths[-1]] = knobs
+            self.log.append(("build", knobs))
+        return paths
+
+    def collect_builds(self, paths):
+        return [(p, "") for p in paths]
 
     def measure_many(self, jobs):
-        self.measured += self.pending
-        return [Measurement(latency(k), 0.1, 10, 0.0) for k in self.pending]
+        knobs = [self.knobs[path] for path, _, _ in jobs]
+        self.measured += knobs
+        self.log += [("measure", k) for k in knobs]
+        return [Measurement(latency(k), 0.1, 10, 0.0) for k in knobs]
 
 
 def test_search_measures_the_warm_start_then_its_neighbours_first():
@@ -89,3 +100,33 @@ def test_search_measures_the_warm_start_then_its_neighbours_first():
     assert res.best()[0].m.latency_us == min(latency(k) for k in bench.measured) and res.spent == 10
     # In the study as whole trials, with what the search reads back from it.
     assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 10
+
+
+def test_search_builds_the_next_round_while_one_is_measured():
+    """With a GPU measuring, round k + 1 is submitted to the builders before round k is measured,
+    and the search still measures exactly its trial budget, each setting once."""
+    import optuna
+
+    from shardtune.tuner.search import search
+
+    bench = _Bench(overlap_builds=True)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    res = search(_Space(), WL, None, study, bench, trials=11, deadline=math.inf,
+                 warm_knobs=[{"rows": 4, "tx": 16, "x_scope": "global"}], seed=0, builds_per_round=3)
+    steps = [step for step, _ in bench.log]
+    assert steps[:9] == ["build"] * 6 + ["measure"] * 3   # round 2 built before round 1 measured
+    assert steps.count("build") == steps.count("measure") == 11 == res.spent
+    assert len({tuple(sorted(k.items())) for k in bench.measured}) == 11
+    assert res.complete and len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 11
+
+
+def test_overlapped_search_past_its_deadline_measures_one_small_round():
+    import optuna
+
+    from shardtune.tuner.search import LATE_ROUND, search
+
+    bench = _Bench(overlap_builds=True)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    res = search(_Space(), WL, None, study, bench, trials=10, deadline=0.0, warm_knobs=[], seed=0,
+                 builds_per_round=3)
+    assert res.spent == len(bench.measured) == LATE_ROUND and not res.complete

@@ -254,12 +254,26 @@ class Bench:
     def build_each(self, jobs: list[tuple[str, dict, dict | None]]) -> list[tuple[str | None, str]]:
         """(artifact path or None, error) per (template name, workload, knobs) job, built in
         parallel; the hash of each artifact's generated code is in self.source_sha[path]."""
+        return self.collect_builds(self.submit_builds(jobs))
+
+    @property
+    def overlap_builds(self) -> bool:
+        """Whether a search may build its next round while this one is measured: not where the
+        builders share the CPU that is measured (`SHARDTUNE_OVERLAP=0` turns it off anywhere)."""
+        return (os.environ.get("SHARDTUNE_OVERLAP", "1") != "0" and self.device_type is not None
+                and (self.device_type != "cpu" or self.remote is not None))
+
+    def submit_builds(self, jobs: list[tuple[str, dict, dict | None]]) -> list:
+        """Start building (template name, workload, knobs) jobs; `collect_builds` waits for them."""
         futures = []
         for template_name, wl, knobs in jobs:
             self._n += 1
             path = os.path.join(self.dir.name, f"c{self._n}.so")
             futures.append(self.builders.submit(build, template_name, wl, knobs, self.target_json, path,
                                                 self.nvcc))
+        return futures
+
+    def collect_builds(self, futures: list) -> list[tuple[str | None, str]]:
         out = []
         for f in futures:
             try:

@@ -174,43 +174,15 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
         if knobs not in first and tuple(sorted(knobs.items())) not in tried and tpl.check(wl, knobs, target) is None:
             first.append(knobs)
     model = CostModel(space, seed)
-    stale_rounds = 0
-    late_rounds = 0
-    while res.spent < trials and stale_rounds < 20:
-        if time.monotonic() >= deadline:
-            # Out of time. A kernel with nothing valid yet still gets one small round (the budget
-            # ran out on the kernels before it): a record beats none by far, and costs seconds.
-            if late_rounds or any(t.m.ok for t in res.trials):
-                break
-            late_rounds += 1
-        model.fit(wl, res.trials)
-        # The settings measured first are not Optuna trials until measured (then added whole): an
-        # enqueued trial could be handed to another `tune` process sharing the study.
-        forced, first = first[:builds_per_round], first[builds_per_round:]
-        asked, cands = [None] * len(forced), list(forced)
-        proposed = {tuple(sorted(k.items())) for k in forced}
-        for _ in range(proposals):
-            t = proposer.ask(dists)
-            key = tuple(sorted(t.params.items()))
-            if key in tried or key in proposed or tpl.check(wl, t.params, target):
-                # Already measured, already proposed this round, or invalid (pruned before any build).
-                proposer.tell(t, state=optuna.trial.TrialState.PRUNED)
-                continue
-            proposed.add(key)
-            asked.append(t)
-            cands.append(dict(t.params))
-        if not cands:
-            stale_rounds += 1
-            continue
-        stale_rounds = 0
-        order = list(range(len(forced))) + [len(forced) + i for i in model.rank(wl, cands[len(forced):])]
-        take = order[:min(LATE_ROUND if late_rounds else builds_per_round, trials - res.spent)]
-        for i in order[len(take):]:   # the cost model passed these over: no build
-            if asked[i] is None:
-                first.insert(0, cands[i])   # a late round's leftover: still first, if time is left
-            else:
-                proposer.tell(asked[i], state=optuna.trial.TrialState.PRUNED)
-        built = bench.build_many(tpl.name, wl, [cands[i] for i in take])
+    stale_rounds = late_rounds = 0
+    # With a GPU measuring, the next round builds while this one is measured: TPE and the cost
+    # model then propose without the latest round's times, and the builders never wait on the GPU.
+    overlap = getattr(bench, "overlap_builds", False)
+    building = None   # a round submitted to the builders, not yet measured
+
+    def finish(rnd) -> None:
+        cands, asked, take, futures = rnd
+        built = bench.collect_builds(futures)
         # Measured together: with several (remote) devices, in parallel.
         ok = [path for path, _ in built if path is not None]
         measured = iter(bench.measure_many([(path, tpl.name, wl) for path in ok]))
@@ -229,9 +201,66 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
             else:
                 proposer.tell(asked[i], done.value, state=state)
             res.trials.append(Trial(cands[i], m))
-            tried.add(tuple(sorted(cands[i].items())))
             res.spent += 1
             on_trial()
+
+    while stale_rounds < 20:
+        left = trials - res.spent - (len(building[2]) if building else 0)
+        out_of_time = time.monotonic() >= deadline
+        if building and (left <= 0 or out_of_time):
+            finish(building)   # what the last round found counts before stopping
+            building = None
+            continue
+        if left <= 0:
+            break
+        if out_of_time:
+            # Out of time. A kernel with nothing valid yet still gets one small round (the budget
+            # ran out on the kernels before it): a record beats none by far, and costs seconds.
+            if late_rounds or any(t.m.ok for t in res.trials):
+                break
+            late_rounds += 1
+        model.fit(wl, res.trials)
+        # The settings measured first are not Optuna trials until measured (then added whole): an
+        # enqueued trial could be handed to another `tune` process sharing the study.
+        forced, first = first[:builds_per_round], first[builds_per_round:]
+        asked, cands = [None] * len(forced), list(forced)
+        proposed = {tuple(sorted(k.items())) for k in forced}
+        for _ in range(proposals):
+            t = proposer.ask(dists)
+            key = tuple(sorted(t.params.items()))
+            if key in tried or key in proposed or tpl.check(wl, t.params, target):
+                # Already measured or building, already proposed this round, or invalid (pruned
+                # before any build).
+                proposer.tell(t, state=optuna.trial.TrialState.PRUNED)
+                continue
+            proposed.add(key)
+            asked.append(t)
+            cands.append(dict(t.params))
+        if not cands:
+            if building:   # nothing new to build until the round in flight is measured
+                finish(building)
+                building = None
+                continue
+            stale_rounds += 1
+            continue
+        stale_rounds = 0
+        order = list(range(len(forced))) + [len(forced) + i for i in model.rank(wl, cands[len(forced):])]
+        take = order[:min(LATE_ROUND if late_rounds else builds_per_round, left)]
+        for i in order[len(take):]:   # the cost model passed these over: no build
+            if asked[i] is None:
+                first.insert(0, cands[i])   # a late round's leftover: still first, if time is left
+            else:
+                proposer.tell(asked[i], state=optuna.trial.TrialState.PRUNED)
+        rnd = (cands, asked, take, bench.submit_builds([(tpl.name, wl, cands[i]) for i in take]))
+        tried.update(tuple(sorted(cands[i].items())) for i in take)
+        if not overlap:
+            finish(rnd)
+            continue
+        if building:
+            finish(building)
+        building = rnd
+    if building:
+        finish(building)
     # Stopping because every valid knob setting was tried also completes a search.
     res.complete = res.spent >= trials or stale_rounds >= 20
     return res
