@@ -1,6 +1,6 @@
 #!/bin/bash
 # One H100 call: `tune` of Llama-2-7B's GEMVs from empty databases, with the next
-# round's builds overlapping this round's measurements (the default) and without (SHARDTUNE_OVERLAP=0),
+# round's builds overlapping this round's measurements (SHARDTUNE_OVERLAP=1) and without (the default),
 # each run twice in alternating order: wall time, and each kernel's best stored latency.
 # 48 trials a kernel (TRIALS=), about 2 minutes a run.
 # Usage (after staging, see benchmarks/device_env.sh): bash benchmarks/device_tune_overlap.sh

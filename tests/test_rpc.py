@@ -121,6 +121,7 @@ def test_tune_through_tracker_survives_lost_servers(rpc, tmp_path, monkeypatch):
     a, b = rpc.servers("cpu", 2)
     rounds = kill_between_rounds(monkeypatch, rpc, {1: b, 3: a})
     monkeypatch.setattr(measure.Bench, "restart_grace_s", 2.0)   # no supervisor will bring them back
+    monkeypatch.setenv("SHARDTUNE_OVERLAP", "1")   # real builds overlapping remote measurements
     db, out = tmp_path / "t.db", io.StringIO()
     recs = shardtune.tune(arch="cpu", shards=1, model="tiny", db=str(db), trials_per_kernel=2, progress=False,
                           rpc_tracker=rpc.addr, rpc_key="cpu", out=out, time_budget=120)

@@ -130,3 +130,17 @@ def test_overlapped_search_past_its_deadline_measures_one_small_round():
     res = search(_Space(), WL, None, study, bench, trials=10, deadline=0.0, warm_knobs=[], seed=0,
                  builds_per_round=3)
     assert res.spent == len(bench.measured) == LATE_ROUND and not res.complete
+
+
+def test_builds_overlap_measurements_only_when_asked_and_never_on_the_measured_cpu(monkeypatch):
+    from shardtune.tuner.measure import Bench
+    from shardtune.tuner.targets import get_arch
+
+    cpu, gpu = Bench(get_arch("cpu").target, "cpu", builders=1), Bench(get_arch("sm_90").target, "cuda", builders=1)
+    try:
+        assert not gpu.overlap_builds   # the default until a GPU run measures what it gains
+        monkeypatch.setenv("SHARDTUNE_OVERLAP", "1")
+        assert gpu.overlap_builds and not cpu.overlap_builds
+    finally:
+        cpu.close()
+        gpu.close()

@@ -258,9 +258,10 @@ class Bench:
 
     @property
     def overlap_builds(self) -> bool:
-        """Whether a search may build its next round while this one is measured: not where the
-        builders share the CPU that is measured (`SHARDTUNE_OVERLAP=0` turns it off anywhere)."""
-        return (os.environ.get("SHARDTUNE_OVERLAP", "1") != "0" and self.device_type is not None
+        """Whether a search builds its next round while this one is measured: with
+        `SHARDTUNE_OVERLAP=1` (not yet measured on a GPU, so not the default), and never where the
+        builders share the CPU that is measured."""
+        return (os.environ.get("SHARDTUNE_OVERLAP") == "1" and self.device_type is not None
                 and (self.device_type != "cpu" or self.remote is not None))
 
     def submit_builds(self, jobs: list[tuple[str, dict, dict | None]]) -> list:

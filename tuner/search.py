@@ -175,8 +175,8 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
             first.append(knobs)
     model = CostModel(space, seed)
     stale_rounds = late_rounds = 0
-    # With a GPU measuring, the next round builds while this one is measured: TPE and the cost
-    # model then propose without the latest round's times, and the builders never wait on the GPU.
+    # Overlapped (Bench.overlap_builds), the next round builds while this one is measured: TPE and
+    # the cost model then propose without the latest round's times, and the GPU need not wait on builds.
     overlap = getattr(bench, "overlap_builds", False)
     building = None   # a round submitted to the builders, not yet measured
 
