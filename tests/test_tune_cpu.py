@@ -280,6 +280,32 @@ def test_warm_start_from_records_of_an_older_knob_space(tmp_path, monkeypatch):
     assert _warm_knobs(db, tpl, other, "cpu", cpu) == []
 
 
+def test_warm_start_takes_the_workloads_fastest_then_the_nearest_shapes(tmp_path):
+    """The workload's own records fastest first (not oldest first), two at most before the other
+    shapes' winners, nearest shape first: replayed searches from such a mix missed less often."""
+    from shardtune.database import Record
+    from shardtune.database.checks import installed_tvm_version
+    from shardtune.tuner.api import _warm_knobs
+    from shardtune.tuner.targets import get_arch, target_of
+
+    tpl, cpu = get_template("q4f16_1_gemv"), target_of(get_arch("cpu"))
+    wl = {"batch": 1, "N": 256, "K": 512, "quant": "q4f16_1"}
+    db = TuningDB(tmp_path / "t.db")
+    settings = [{"rows": r, "lanes": 16, "unroll": 1} for r in (1, 4, 16, 64)] + [{"rows": 4, "lanes": 8, "unroll": 2}]
+
+    def add(wl, knobs, us):
+        db.add(Record(template=tpl.name, template_hash=tpl.source_hash, workload=wl, arch="cpu", shards=1,
+                      device="cpu", compute_units=2, knobs=knobs, latency_us=us, latency_spread_us=0.1,
+                      runs=10, bandwidth_gbps=1.0, max_rel_error=1e-4, tvm_version=installed_tvm_version()))
+    add({**wl, "N": 4096}, settings[4], 1.0)   # far, and fastest of all
+    add(wl, settings[0], 10.0)                 # own, oldest
+    add(wl, settings[1], 8.0)                  # own, fastest
+    add(wl, settings[2], 12.0)                 # own, third
+    add({**wl, "N": 512}, settings[3], 20.0)   # near
+    assert _warm_knobs(db, tpl, wl, "cpu", cpu) == [settings[1], settings[0], settings[3], settings[4]]
+    assert _warm_knobs(db, tpl, wl, "cpu", cpu, limit=6)[-1] == settings[2]   # own again after the others
+
+
 @pytest.mark.parametrize("arch, trials", [("cpu", 48), ("sm_90", 128), ("gfx1100", 128)])
 def test_default_trials_follow_the_arch(monkeypatch, arch, trials):
     """GPU candidates measure in a fraction of a second, CPU ones in seconds: the defaults differ."""
