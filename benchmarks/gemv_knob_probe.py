@@ -43,11 +43,16 @@ def variants(tpl, wl: dict, best: dict, first: dict, changes: list[dict], target
 
 
 def whole_space(tpl, wl: dict, best: dict, target) -> list[dict]:
-    """Every knob set of the template's GPU space that it accepts, at the record's decode."""
-    names = list(tpl.gpu_knobs)
-    every = (dict(zip(names, values)) for values in itertools.product(*tpl.gpu_knobs.values()))
-    return [{**k, "decode": best.get("decode", k.get("decode"))} for k in every
-            if k.get("decode") in (None, best.get("decode"))]
+    """Every knob set of the template's GPU space at the record's decode (`variants` drops those
+    the template refuses)."""
+    every = (dict(zip(tpl.gpu_knobs, values)) for values in itertools.product(*tpl.gpu_knobs.values()))
+    return [k for k in every if k.get("decode") == best.get("decode")]
+
+
+def best_measured(variants: list[dict]) -> dict:
+    """The fastest of the variants measured in every round (with --keep, not a lucky single run)."""
+    most = max(v["rounds"] for v in variants)
+    return min((v for v in variants if v["rounds"] == most), key=lambda v: v["us"])
 
 
 def main() -> int:
@@ -125,9 +130,7 @@ def main() -> int:
     for key, e in shapes.items():
         if not e["variants"] or e["variants"][0]["knobs"] != record_knobs[key]:
             continue   # the record's own knobs failed: nothing to compare with
-        # with --keep, the best of those measured in every round, not a lucky single run
-        most = max(v["rounds"] for v in e["variants"])
-        base, best = e["variants"][0], min((v for v in e["variants"] if v["rounds"] == most), key=lambda v: v["us"])
+        base, best = e["variants"][0], best_measured(e["variants"])
         e["gain"] = base["us"] / best["us"]
         changed = {k: v for k, v in best["knobs"].items() if base["knobs"].get(k) != v}
         print(f"{key:34s} {base['us']:8.2f} {best['us']:8.2f} {e['gain']:6.3f} {best['pct']:6.1f}%  {changed or 'the record'}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from gemv_knob_probe import best_measured
+
 
 def shapes(paths: list[str]) -> list[dict]:
     """Each shape of the files: its label, bar, every setting's first-run % and the record's and
@@ -18,8 +20,7 @@ def shapes(paths: list[str]) -> list[dict]:
         d = json.load(open(path))
         for e in d["shapes"]:
             vs = e["variants"]
-            most = max(v["rounds"] for v in vs)
-            best = min((v for v in vs if v["rounds"] == most), key=lambda v: v["us"])
+            best = best_measured(vs)
             # A setting's first run, as a share of copy: pct scales as 1 / time.
             first = [v["pct"] * v["us"] / v["runs"][0] for v in vs]
             out.append({"label": f"{e['template'].removeprefix('q4f16_1_')}\n{e['N']}x{e['K']}\n{e['matrix_mb']:.0f} MB",

@@ -8,6 +8,7 @@ import fcntl
 import math
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import optuna
@@ -131,6 +132,15 @@ def _working_copy(study: optuna.Study, stored: list) -> optuna.Study:
     return mem
 
 
+class _Round(NamedTuple):
+    """One round's candidates, their Optuna trials (None: measured first, not asked), which of them
+    are built, and the builds submitted for those."""
+    cands: list
+    asked: list
+    take: list
+    futures: list
+
+
 LATE_ROUND = 2   # candidates built for a kernel whose share of the time budget is already spent
 
 
@@ -185,7 +195,7 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
     overlap = getattr(bench, "overlap_builds", False)
     building = None   # a round submitted to the builders, not yet measured
 
-    def finish(rnd) -> None:
+    def finish(rnd: _Round) -> None:
         cands, asked, take, futures = rnd
         built = bench.collect_builds(futures)
         # Measured together: with several (remote) devices, in parallel.
@@ -210,7 +220,7 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
             on_trial()
 
     while stale_rounds < 20:
-        left = trials - res.spent - (len(building[2]) if building else 0)
+        left = trials - res.spent - (len(building.take) if building else 0)
         out_of_time = time.monotonic() >= deadline
         if building and (left <= 0 or out_of_time):
             finish(building)   # what the last round found counts before stopping
@@ -256,7 +266,7 @@ def search(tpl, wl: dict, target, study: optuna.Study, bench: Bench, trials: int
                 first.insert(0, cands[i])   # a late round's leftover: still first, if time is left
             else:
                 proposer.tell(asked[i], state=optuna.trial.TrialState.PRUNED)
-        rnd = (cands, asked, take, bench.submit_builds([(tpl.name, wl, cands[i]) for i in take]))
+        rnd = _Round(cands, asked, take, bench.submit_builds([(tpl.name, wl, cands[i]) for i in take]))
         tried.update(tuple(sorted(cands[i].items())) for i in take)
         if not overlap:
             finish(rnd)
