@@ -121,8 +121,8 @@ def prefill_plan(cfg: LlamaConfig, quant: str, shards: int, n: int,
 
     The embedding lookup (fp16 table: q0f16 and q4f16_1 alike), RoPE + KV append and causal
     attention are templates; the logits are taken for one token only, by decode's lm_head GEMV.
-    The linear layers are TVM's own matmul (q4f16_1 weights dequantised to fp16 first): the
-    GEMV templates serve batch 1..4, and a prompt is compute-bound and one call. Norms are TVM's
+    q4f16_1's linear layers are the q4f16_1_gemm template (dequantized on the way to the tensor
+    cores), at decode's per-shard shapes; q0f16's are TVM's own matmul. Norms are TVM's
     rms_norm. q0f32 keeps only the attention templates, as decode_plan does."""
     check_quant(quant)
     check_shards(cfg, shards)
@@ -137,8 +137,12 @@ def prefill_plan(cfg: LlamaConfig, quant: str, shards: int, n: int,
     if quant == "q0f32":
         return calls
     embedding = KernelCall("embedding", "embedding", {"n": n, "vocab": cfg.vocab_size, "H": h, "quant": "q0f16"}, 1)
-    lm_head = plan_by_site(decode_plan(cfg, quant, shards, capacity=capacity))["lm_head"]
-    return [embedding, *calls, lm_head]
+    decode = plan_by_site(decode_plan(cfg, quant, shards, capacity=capacity))
+    if quant == "q4f16_1":
+        calls += [KernelCall(site, "q4f16_1_gemm", {"M": n, "N": decode[site].workload["N"],
+                                                    "K": decode[site].workload["K"]}, L)
+                  for site in ("qkv", "o", "gate_up", "down")]
+    return [embedding, *calls, decode["lm_head"]]
 
 
 def plan_by_site(calls: list[KernelCall]) -> dict[str, KernelCall]:

@@ -1,6 +1,6 @@
 #!/bin/bash
-# One GPU call: what a prefill bucket costs. dlight runs a prefill matmul on tensor cores only when every
-# fixed extent is above 64, so buckets 16 and 64 get its CUDA-core schedule (benchmarks/NOTES.md,
+# One GPU call: what a prefill bucket costs, now that the linear layers are the q4f16_1_gemm template
+# (tensor cores at every bucket; before, dlight's CUDA cores up to 64 tokens: benchmarks/NOTES.md,
 # 2026-12-08). Llama-2-7B q4f16_1 (random weights) built once per bucket set, each benched at
 # prompt 8 (one call of its smallest bucket) and prompt 1000 (chunks of its largest).
 # Usage (after staging, see benchmarks/device_env.sh): bash benchmarks/device_prefill_buckets.sh

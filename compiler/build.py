@@ -67,7 +67,7 @@ def apply_database(mod, db, arch: str, shards: int, target, device: str | None =
                 entry["tuned_at_shards"] = tuned_at
         else:
             sched = None
-            if target_is_gpu(target) and tpl.dlight_baseline:
+            if target_is_gpu(target) and tpl.untuned_uses_dlight(target):
                 sched = tpl.dlight_schedule(tag["workload"], target, fallback=False)
                 entry["source"] = "dlight"
             if sched is None:   # dlight cannot, or would only give one thread per output

@@ -9,8 +9,8 @@ One decode step reads the token and its position from device buffers and updates
 cache in place: every shape is static, so a CUDA graph can capture the whole step.
 
 Beside it, a batched prefill step per prompt-length bucket (`prefill_<n>`, `shardtune.plan.
-prefill_plan`): n tokens at once through the prefill templates and TVM's matmul, outside CUDA
-graphs (one call per prompt)."""
+prefill_plan`): n tokens at once through the prefill templates (with TVM's matmul for fp16
+weights), each one CUDA graph too."""
 from __future__ import annotations
 
 import json
@@ -22,7 +22,6 @@ from ..kernels import get_template
 from ..kernels.allreduce_add_norm import comm_regions
 from ..models import LlamaConfig, lm_head_rows, lm_head_split
 from ..plan import KernelCall, decode_plan, plan_by_site, prefill_plan, residual_in_gemv
-from .dequantize import dequantize_q4
 from .greedy import greedy_next
 
 KERNEL_ATTR = "shardtune.kernel"   # JSON {"template", "workload", "site"} on each template PrimFunc
@@ -38,7 +37,8 @@ def template_op(call: KernelCall, args: list, inplace: list[int] | None = None):
     kernel updates, returned first. One tensor back, or a list when there are several."""
     func = get_template(call.template).compute(call.workload)
     tag = json.dumps({"template": call.template, "workload": call.workload, "site": call.site}, sort_keys=True)
-    name = f"{call.template}_{call.site}" + (f"_n{call.workload['n']}" if "n" in call.workload else "")
+    tokens = call.workload.get("n", call.workload.get("M"))   # a prefill bucket's: one symbol per bucket
+    name = f"{call.template}_{call.site}" + (f"_n{tokens}" if tokens is not None else "")
     # kOpaque (8): Relax's FuseOps must not merge a template into its neighbours, or the
     # database's schedule would no longer fit it. A unique symbol per call site.
     func = func.with_attr(KERNEL_ATTR, tag).with_attr("op_pattern", 8).with_attr("global_symbol", name)
@@ -69,16 +69,14 @@ class Linear(nn.Module):
             return op.matmul(x, op.permute_dims(self.weight))
         return template_op(call, [x, *self.weights(), *extra])
 
-    def matmul(self, x):
-        """Prefill: x [n, k] -> [n, self.n] by TVM's matmul, fp32 accumulation (q4f16_1 weights
-        dequantised to fp16 first). The build fuses the transpose into the matmul."""
+    def matmul(self, x, call: KernelCall | None = None):
+        """Prefill: x [n, k] -> [n, self.n]. q4f16_1: the prefill GEMM template (`call`); fp weights:
+        TVM's matmul, fp32 accumulation for fp16 (the build fuses the transpose into it)."""
         if self.quant == "q0f32":
             return op.matmul(x, op.permute_dims(self.weight))
-        w = self.weight if self.quant != "q4f16_1" else op.tensor_ir_op(
-            dequantize_q4(self.n, self.k).with_attr("global_symbol", f"dequantize_q4_{self.n}x{self.k}"),
-            f"dequantize_q4_{self.n}x{self.k}", [self.qweight, self.qscale],
-            nn.Tensor.placeholder([self.n, self.k], "float16"))
-        return op.astype(op.matmul(x, op.permute_dims(w), out_dtype="float32"), "float16")
+        if self.quant == "q4f16_1":
+            return template_op(call, [x, self.qweight, self.qscale])
+        return op.astype(op.matmul(x, op.permute_dims(self.weight), out_dtype="float32"), "float16")
 
 
 class Weight(nn.Module):
@@ -228,14 +226,14 @@ class Llama(nn.Module):
         new_caches = []
         for i, layer in enumerate(self.layers):
             y = op.rms_norm(h, layer.input_norm.weight, axes=[-1], epsilon=eps)
-            k_cache, v_cache, q = template_op(plan["rope"], [layer.qkv.matmul(y), pos, caches[2 * i],
+            k_cache, v_cache, q = template_op(plan["rope"], [layer.qkv.matmul(y, plan.get("qkv")), pos, caches[2 * i],
                                                              caches[2 * i + 1]], inplace=[2, 3])
             new_caches += [k_cache, v_cache]
             a = template_op(plan["attention"], [q, k_cache, v_cache, pos])
-            h = h + reduce(layer.o.matmul(a))
+            h = h + reduce(layer.o.matmul(a, plan.get("o")))
             y = op.rms_norm(h, layer.post_norm.weight, axes=[-1], epsilon=eps)
-            gate, up = op.split(layer.gate_up.matmul(y), 2, axis=-1)
-            h = h + reduce(layer.down.matmul(op.silu(gate) * up))
+            gate, up = op.split(layer.gate_up.matmul(y, plan.get("gate_up")), 2, axis=-1)
+            h = h + reduce(layer.down.matmul(op.silu(gate) * up, plan.get("down")))
         y = op.rms_norm(op.take(h, last, axis=0), self.norm.weight, axes=[-1], epsilon=eps)   # [1, H]
         return op.astype(self._head(y, plan.get("lm_head")), "float32"), tuple(new_caches)
 

@@ -19,7 +19,7 @@ def _load_all() -> None:
                    rms_norm)
     from . import decode_attention, rope_kv_append  # noqa: F401
     from . import embedding, prefill_attention, prefill_rope_kv_append  # noqa: F401
-    from . import allreduce_add_norm  # noqa: F401
+    from . import allreduce_add_norm, q4_gemm  # noqa: F401
 
 
 def get_template(name: str) -> Template:

@@ -98,6 +98,10 @@ class Template:
                 # Its GEMV and Reduction rules assert on the SiLU(gate) * up epilogue.
                 return dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod) if fallback else None
 
+    def untuned_uses_dlight(self, target) -> bool:
+        """Whether a GPU build without a record takes dlight's schedule (else the default knobs)."""
+        return self.dlight_baseline
+
     def reference(self, inputs: list[np.ndarray]):
         """The NumPy result the kernel's output must match; a list when it has several
         outputs (they are the last arguments, in order)."""

@@ -1,7 +1,8 @@
 """Generated CUDA C run on the CPU, for tests of GPU kernels on machines without a GPU.
 
 `emulate(src, tmp_path)` compiles TVM's CUDA C for the host with one OS thread per GPU thread, a
-barrier per block (__syncthreads) and one per warp (shuffles, mma fragments). Blocks run one after
+barrier per block (__syncthreads) and one per warp (shuffles, mma fragments). wmma fragments hold
+their whole tile in every lane (the real layout is opaque to the code that uses them). Blocks run one after
 another, except the blocks of a thread block cluster, which run together. Each block has its own
 shared memory (NaN-filled, so a read before a write shows); the st_cluster_* helpers reach the other
 blocks' and wait at the cluster's barrier. Peer memory for the fused all-reduce is plain host
@@ -21,6 +22,7 @@ EMULATOR = r"""
 #include <barrier>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -33,6 +35,7 @@ EMULATOR = r"""
 #include <cuda_fp16.h>
 struct emu_dim { unsigned x, y, z; };
 thread_local emu_dim threadIdx, blockIdx;
+thread_local unsigned emu_tid;                       // threadIdx.x + threadIdx.y * blockDim.x
 struct emu_block_state {   // what the threads of one block share
   std::barrier<>* block;
   std::vector<std::barrier<>*> warps;
@@ -54,7 +57,7 @@ static void* emu_shared(size_t bytes, size_t align) {   // the same offsets in e
 }
 static inline void __syncthreads() { emu_b->block->arrive_and_wait(); }
 template <typename T> static T __shfl_sync(unsigned, T v, int src, int width) {
-  unsigned tid = threadIdx.x, lane = tid % 32, w = tid / 32;
+  unsigned tid = emu_tid, lane = tid % 32, w = tid / 32;
   unsigned long long bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   emu_b->slot[tid] = bits;
@@ -65,7 +68,7 @@ template <typename T> static T __shfl_sync(unsigned, T v, int src, int width) {
   return v;
 }
 template <typename T> static T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
-  unsigned lane = threadIdx.x % 32;
+  unsigned lane = emu_tid % 32;
   T from = __shfl_sync(mask, v, lane + delta < 32 ? lane + delta : lane, 32);
   return from;
 }
@@ -99,7 +102,7 @@ static unsigned tvm_builtin_cluster_ctaid_x() { return emu_rank; }
 #define SHARDTUNE_EMULATED_MMA
 static int st_mma_16816(float* d, half a0, half a1, half a2, half a3, half a4, half a5, half a6, half a7,
                         half b0, half b1, half b2, half b3) {
-  unsigned tid = threadIdx.x, lane = tid % 32, w = tid / 32;
+  unsigned tid = emu_tid, lane = tid % 32, w = tid / 32;
   half in[12] = {a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3};
   auto& frag = emu_b->frag;
   for (int i = 0; i < 12; ++i) frag[tid][i] = __half2float(in[i]);
@@ -118,12 +121,45 @@ static int st_mma_16816(float* d, half a0, half a1, half a2, half a3, half a4, h
   for (int i = 0; i < 4; ++i) d[i] += out[i];
   return 0;
 }
+namespace nvcuda::wmma {   // 16x16x16 tiles, as TVM's tensor-core intrinsics use them
+struct matrix_a; struct matrix_b; struct accumulator; struct row_major; struct col_major;
+enum layout_t { mem_row_major, mem_col_major };
+template <typename Use, int M, int N, int K, typename T, typename Layout = void> struct fragment {
+  float v[16][16];   // a: [m][k], b: [k][n], accumulator: [m][n]
+};
+template <typename F, typename T> void fill_fragment(F& f, T value) {
+  for (auto& row : f.v) for (auto& e : row) e = static_cast<float>(value);
+}
+template <typename Use, typename L> void load_matrix_sync(fragment<Use, 16, 16, 16, half, L>& f, const half* p, unsigned ldm) {
+  constexpr bool col = std::is_same_v<L, col_major>;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.v[r][c] = __half2float(col ? p[c * ldm + r] : p[r * ldm + c]);
+}
+template <typename A, typename B, typename C, typename D> void mma_sync(D& d, const A& a, const B& b, const C& c) {
+  float out[16][16];
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      out[m][n] = c.v[m][n];
+      for (int k = 0; k < 16; ++k) out[m][n] += a.v[m][k] * b.v[k][n];
+    }
+  std::memcpy(d.v, out, sizeof(out));
+}
+template <typename F> void store_matrix_sync(float* p, const F& f, unsigned ldm, layout_t layout) {
+  auto* warp = emu_b->warps[emu_tid / 32];
+  warp->arrive_and_wait();   // one lane writes the tile the warp shares
+  if (emu_tid % 32 == 0)
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < 16; ++c) p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.v[r][c];
+  warp->arrive_and_wait();
+}
+}  // namespace nvcuda::wmma
 static inline int max(int a, int b) { return a > b ? a : b; }
 static inline int min(int a, int b) { return a < b ? a : b; }
 static inline float max(float a, float b) { return fmaxf(a, b); }
 static inline float min(float a, float b) { return fminf(a, b); }
 static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
-template <typename F> static void emu_launch(F kernel, unsigned gx, unsigned gy, unsigned threads, unsigned cluster) {
+template <typename F> static void emu_launch(F kernel, unsigned gx, unsigned gy, unsigned threads, unsigned cluster,
+                                              unsigned block_x) {
   for (unsigned by = 0; by < gy; ++by)
     for (unsigned bx0 = 0; bx0 < gx; bx0 += cluster) {
       std::barrier<> cluster_barrier(cluster * threads);
@@ -138,7 +174,8 @@ template <typename F> static void emu_launch(F kernel, unsigned gx, unsigned gy,
       for (unsigned r = 0; r < cluster; ++r)
         for (unsigned t = 0; t < threads; ++t)
           ts.emplace_back([&, r, t] {
-            threadIdx = {t, 0, 0};
+            threadIdx = {t % block_x, t / block_x, 0};
+            emu_tid = t;
             blockIdx = {bx0 + r, by, 0};
             emu_b = blocks[r];
             emu_shared_used = 0;
@@ -168,17 +205,19 @@ def emulate(src, tmp_path):
     # Shared arrays into the block's own memory; the device-side definitions the emulator replaces out.
     src = re.sub(r"__shared__ alignas\((\d+)\) ([\w ]+?) (\w+)\[(\d+)\];",
                  r"\2* \3 = static_cast<\2*>(emu_shared(sizeof(\2) * \4, \1));", src)
+    src = re.sub(r"extern __shared__ __align__\((\d+)\) uchar (\w+)\[\];",
+                 r"uchar* \2 = static_cast<uchar*>(emu_shared(1 << 17, \1));", src)
     assert "__shared__" not in src, "a shared declaration the emulator does not know"
-    src = src.replace(ST_CLUSTER_CUDA, "").replace(ST_LL_CUDA, "")
+    src = src.replace("#include <mma.h>", "").replace(ST_CLUSTER_CUDA, "").replace(ST_LL_CUDA, "")
     src = re.sub(r"__forceinline__ __device__ unsigned int tvm_builtin_cluster_ctaid_x\(\) \{.*?\n\}\n", "", src,
                  flags=re.S)
     kernels = re.findall(r'extern "C" __global__ void __launch_bounds__\((\d+)\) (\w+)\(([^)]*)\) \{', src)
     params = {name: [p.strip().rsplit(" ", 1) for p in ps.split(",")] for _, name, ps in kernels}
     wrappers = "".join(
-        f'extern "C" void emu_{name}(void** a, unsigned gx, unsigned gy, unsigned cluster) {{\n'
+        f'extern "C" void emu_{name}(void** a, unsigned gx, unsigned gy, unsigned cluster, unsigned bx) {{\n'
         + "".join(f"  auto {n} = ({t.replace('__restrict__', '').strip()})a[{i}];\n" if "*" in t else
                   f"  auto {n} = ({t})(intptr_t)a[{i}];\n" for i, (t, n) in enumerate(params[name]))
-        + f"  emu_launch([=] {{ {name}({', '.join(n for _, n in params[name])}); }}, gx, gy, {threads}, cluster);\n}}\n"
+        + f"  emu_launch([=] {{ {name}({', '.join(n for _, n in params[name])}); }}, gx, gy, {threads}, cluster, bx ? bx : {threads});\n}}\n"
         for threads, name, _ in kernels)
     # A new file per build: rewriting a loaded library would change code that is mapped.
     n = len(list(tmp_path.glob("k*.so")))
@@ -191,10 +230,12 @@ def emulate(src, tmp_path):
     def launcher(name):
         names = [(n.removesuffix("_ptr"), "*" in t) for t, n in params[name]]
 
-        def launch(arrays, gx, gy=1, cluster=1):   # clusters of `cluster` blocks along x
+        def launch(arrays, gx, gy=1, cluster=1, block_x=0):
+            """Clusters of `cluster` blocks along x; threads of `block_x` along threadIdx.x (0: all)."""
             # Scalars (a view's element offset) are 0: every array is passed at its own first element.
             ptrs = (ctypes.c_void_p * len(names))(*[arrays[n].ctypes.data if pointer else 0 for n, pointer in names])
-            getattr(lib, "emu_" + name)(ptrs, ctypes.c_uint(gx), ctypes.c_uint(gy), ctypes.c_uint(cluster))
+            getattr(lib, "emu_" + name)(ptrs, ctypes.c_uint(gx), ctypes.c_uint(gy), ctypes.c_uint(cluster),
+                                        ctypes.c_uint(block_x))
         return launch
     return {name: launcher(name) for name in sorted(params)}
 

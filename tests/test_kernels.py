@@ -13,9 +13,9 @@ from shardtune.tuner.targets import get_arch, target_of
 
 CPU = target_of(get_arch("cpu"))
 # The attention, RoPE and embedding templates take other shapes: tests/test_attention.py,
-# tests/test_prefill_kernels.py.
+# tests/test_prefill_kernels.py, tests/test_gemm.py.
 OTHER_SHAPES = ("decode_attention", "rope_kv_append", "embedding", "prefill_attention", "prefill_rope_kv_append",
-                "allreduce_add_norm")
+                "allreduce_add_norm", "q4f16_1_gemm")
 TEMPLATES = sorted(n for n in all_templates() if n not in OTHER_SHAPES)
 
 

@@ -301,7 +301,7 @@ def test_build_without_prefill_steps_runs_token_by_token(built, tmp_path):
 
 
 def test_prefill_kernels_compile_for_sm90_inside_the_model(tmp_path, monkeypatch):
-    """A GPU build without a GPU: the prefill steps' kernels (templates, dequantisation, matmuls) in
+    """A GPU build without a GPU: the prefill steps' kernels (templates, the q4 GEMMs) in
     the model's CUDA C, built by nvcc for sm_90 where it is installed; a 2-shard build lowers the
     prefill all-reduces; decode and each prefill step stay one CUDA graph; running it here is one
     clear line."""
@@ -324,7 +324,10 @@ def test_prefill_kernels_compile_for_sm90_inside_the_model(tmp_path, monkeypatch
     for n in (16, 64):
         assert {f"embedding_embedding_n{n}_kernel", f"prefill_rope_kv_append_rope_n{n}_kernel",
                 f"prefill_attention_attention_n{n}_kernel"} <= kernels, sorted(kernels)
-    assert any(k.startswith("dequantize_q4_") for k in kernels) and any("NT_matmul" in k for k in kernels)
+        # the linear layers on tensor cores, dequantized on the way (no fp16 weights in memory)
+        assert {f"q4f16_1_gemm_{site}_n{n}_kernel" for site in ("qkv", "o", "gate_up", "down")} <= kernels
+    assert not any("dequantize" in k or "matmul" in k.lower() for k in kernels), sorted(kernels)
+    assert src.count("wmma::mma_sync") >= 8
     # programmatic dependent launch (compiler/pdl.py): every kernel waits for the one before it
     # first thing, and the module launches them with PDL
     assert conf["pdl"] is True

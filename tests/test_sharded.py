@@ -95,11 +95,13 @@ def test_gfx1100_two_shard_model_builds(tmp_path):
 
 def test_gfx1100_one_gpu_model_builds_with_its_greedy_step(tmp_path):
     """One Radeon: the decode step's argmax has no CUDA warp shuffle there (TVM's ROCm backend is
-    LLVM), it takes its other path through shared memory."""
+    LLVM), it takes its other path through shared memory. The prefill GEMM's tensor-core schedule is
+    CUDA's: there dlight's Matmul schedules its compute."""
     path = tmp_path / "tiny-gfx1100"
     conf = shardtune.build(str(path), model="tiny", random_weights=True, quant="q4f16_1", arch="gfx1100",
-                           capacity=64, prefill=())
+                           capacity=64, prefill=(16,))
     assert conf["device_greedy"] and conf["target"]["kind"] == "rocm"
+    assert {k["source"] for k in conf["kernels"] if k["template"] == "q4f16_1_gemm"} == {"dlight"}
     assert (path / "model.so").stat().st_size > 10_000
 
 

@@ -145,6 +145,9 @@ def tune(arch: str, shards: int, model: str, db: str | None = None, trials_per_k
     if trials_per_kernel is None:
         trials_per_kernel = DEFAULT_TRIALS[a.vendor]
     instances = kernel_instances(model, shards, kernels, batch=batch, quant=quant)
+    if a.vendor == "amd" and any(inst.template == "q4f16_1_gemm" for inst in instances):
+        raise UserError("--kernels gemm has tensor-core (wmma) schedules for NVIDIA only; "
+                        f"{a.name} builds give prefill's GEMMs dlight's Matmul")
     budget = parse_duration(time_budget)
     device_type = {"cpu": "cpu", "nvidia": "cuda", "amd": "rocm"}[a.vendor]
     remote = where = None
@@ -259,12 +262,12 @@ def _remote_copy_bandwidth(bench: Bench, remote) -> float:
 
 
 def shape_text(wl: dict) -> str:
-    """2048x4096 for a GEMV (N x K), H=8192 for a norm, 32/4x128 L=1024 for attention
-    (query/KV heads x head dim, context length); b2 for batch 2."""
+    """2048x4096 for a GEMV (N x K), 2048x4096 M=16 for a prefill GEMM of 16 tokens, H=8192 for a
+    norm, 32/4x128 L=1024 for attention (query/KV heads x head dim, context length); b2 for batch 2."""
     if "q_heads" in wl:
         text = f"{wl['q_heads']}/{wl['kv_heads']}x{wl['head_dim']}" + (f" L={wl['length']}" if "length" in wl else "")
     else:
-        text = f"{wl['N']}x{wl['K']}" if "N" in wl else f"H={wl['H']}"
+        text = (f"{wl['N']}x{wl['K']}" if "N" in wl else f"H={wl['H']}") + (f" M={wl['M']}" if "M" in wl else "")
     return text + (f" b{wl['batch']}" if wl.get("batch", 1) > 1 else "")
 
 

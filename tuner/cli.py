@@ -16,7 +16,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
                    help="candidates built and measured per kernel (default 128 on GPUs, 48 on CPUs)")
     p.add_argument("--time-budget", metavar="T", help="stop after T in all (e.g. 600, 90s, 10m)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kernels", default="gemv", help="comma-separated kernel kinds (default gemv)")
+    p.add_argument("--kernels", default="gemv", help="comma-separated kernel kinds: gemv, norm, attention, allreduce, gemm "
+                                                     "(prefill's q4f16_1 GEMMs) (default gemv)")
     p.add_argument("--quant", default="q4f16_1", choices=["q4f16_1", "q0f16"],
                    help="weight quantization of the model (default q4f16_1)")
     p.add_argument("--batch", type=int, default=1, choices=[1, 2, 3, 4], help="decode batch size (default 1)")

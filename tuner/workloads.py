@@ -7,15 +7,16 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from ..models import load_config
-from ..plan import attention_lengths, decode_plan, kv_capacity
+from ..plan import PREFILL_BUCKETS, attention_lengths, decode_plan, kv_capacity, prefill_buckets, prefill_plan
 
-KINDS = ("gemv", "norm", "attention", "allreduce")
+KINDS = ("gemv", "norm", "attention", "allreduce", "gemm")
 QUANTS = ("q4f16_1", "q0f16")
 # "allreduce": the fused all-reduce + add + RMSNorm of sharded NVIDIA builds (shards > 1). One
 # GPU stands in for all when tuning it (the peers' flags preset): the barrier's cross-GPU wait is
 # not in the time, the rest of the kernel is.
+# "gemm": the prefill steps' q4f16_1 linear layers, at each default prompt bucket (q4f16_1 only).
 SITES = {"gemv": ("qkv", "o", "gate_up", "down", "lm_head"), "norm": ("norm", "add_norm"),
-         "attention": ("rope", "attention"), "allreduce": ("allreduce_norm",)}
+         "attention": ("rope", "attention"), "allreduce": ("allreduce_norm",), "gemm": ()}
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,14 @@ def kernel_instances(model: str, shards: int, kernels: list[str] | None = None, 
               for c in decode_plan(cfg, quant, shards, batch=batch, capacity=capacity, attention_length=length)
               if c.site == "attention"]
     wanted = {site for kind in kernels for site in SITES[kind]}
+    calls = [c for c in calls if c.site in wanted]
+    if "gemm" in kernels and quant != "q4f16_1":
+        raise UserError(f"--kernels gemm is q4f16_1's prefill GEMM; {quant} prefills with TVM's matmul")
+    if "gemm" in kernels:
+        calls += [c for n in prefill_buckets(capacity, PREFILL_BUCKETS)
+                  for c in prefill_plan(cfg, quant, shards, n, capacity) if c.template == "q4f16_1_gemm"]
     out: dict[tuple, KernelInstance] = {}
     for c in calls:
-        if c.site not in wanted:
-            continue
         key = (c.template, *sorted(c.workload.items()))
         prev = out.get(key)
         if prev is not None and c.site in prev.layers:   # the same attention length twice

@@ -1,5 +1,5 @@
-"""On a GPU: the prefill templates (embedding, prefill_rope_kv_append, prefill_attention) with their
-default knobs and two sampled valid ones match the NumPy reference at Llama shapes. Skipped
+"""On a GPU: the prefill templates (embedding, prefill_rope_kv_append, prefill_attention, the
+q4f16_1_gemm of the linear layers) with their default knobs and two sampled valid ones match the NumPy reference at Llama shapes. Skipped
 without a GPU (tests/gpu/conftest.py). Latencies are printed (pytest -s), not asserted."""
 import itertools
 
@@ -25,6 +25,8 @@ def _shapes(name):
         return [({"n": n, "vocab": V, "H": H, "quant": quant}, [{}])
                 for n, (V, H), quant in itertools.product((1, 512), ((32000, 4096), (8000, 8192)),
                                                          ("q0f16", "q4f16_1"))]
+    if name == "q4f16_1_gemm":   # Llama-2-7B's QKV and down at the default buckets, and 8 tokens (padded)
+        return [({"M": m, "N": n, "K": k}, [{}]) for m in (8, 16, 64, 256) for n, k in ((12288, 4096), (4096, 11008))]
     if name == "prefill_rope_kv_append":   # the prompt ends at the last cache row, or starts at 0
         return [(heads(hq, hkv, n, theta=10000.0), [{}, {"pos0": 0}])
                 for (hq, hkv), n in itertools.product(LLAMA_HEADS, (8, 256))]
@@ -32,7 +34,7 @@ def _shapes(name):
             for (hq, hkv), n in itertools.product(LLAMA_HEADS, (8, 32, 128, 256))]
 
 
-@pytest.mark.parametrize("name", ["embedding", "prefill_rope_kv_append", "prefill_attention"])
+@pytest.mark.parametrize("name", ["embedding", "prefill_rope_kv_append", "prefill_attention", "q4f16_1_gemm"])
 def test_candidates_match_reference_on_gpu(name):
     target = tvm.target.Target(get_arch(local_gpu_arch()).target)
     dev = tvm.cuda(0) if target.kind.name == "cuda" else tvm.rocm(0)
