@@ -3,8 +3,7 @@
 A prompt of M tokens (a prefill bucket: 1..512) through one linear layer. The weights are
 q4f16_1 as in q4_gemv.py. They are dequantized on the way into shared memory, never written
 back as fp16, and multiplied on tensor cores (wmma 16x16x16, fp32 accumulation) at every M.
-dlight's own Matmul rule, the baseline, runs CUDA cores up to 64 rows and expects the fp16
-weights in memory.
+The baseline is dlight's Matmul rule on the same compute, which runs CUDA cores up to 64 rows.
 
 GPU schedule (CUDA, sm_70+): a block owns a (16 warps_m tiles_m) x (16 warps_n tiles_n) tile of
 y; each warp owns tiles_m x tiles_n 16x16 accumulators. Per step of 16 k_tiles along K, the
@@ -76,8 +75,9 @@ def schedule_wmma(sch: s_tir.Schedule, warps_m: int, warps_n: int, tiles_m: int,
     nb, nw, nt = sch.split(n, [None, warps_n, tiles_n])
     ko, kt = sch.split(k, [None, k_tiles])
     sch.reorder(nb, mb, mw, nw, ko, kt, mt, nt)
-    sch.bind(nb, "blockIdx.x")
-    sch.bind(mb, "blockIdx.y")
+    # The row blocks of one column tile launch together, so all but the first read its weights from L2.
+    sch.bind(mb, "blockIdx.x")
+    sch.bind(nb, "blockIdx.y")
     warp = sch.fuse(mw, nw)
     sch.bind(warp, "threadIdx.y")
 
@@ -137,7 +137,7 @@ class Q4Gemm(Template):
         "warps_n": [1, 2, 4, 8],   # and along N
         "tiles_m": [1, 2, 4],      # 16x16 accumulators a warp holds along M
         "tiles_n": [1, 2, 4],      # and along N
-        "k_tiles": [1, 2, 4],      # 16-wide K slices a block stages in shared memory at once
+        "k_tiles": [1, 2, 4, 8],   # 16-wide K slices a block stages in shared memory at once
     }
     cpu_knobs = {"n_tile": [8, 32]}   # output columns a CPU task computes
 

@@ -65,7 +65,7 @@ def test_gemm_tensor_core_kernel_on_cpu_threads(wl, knobs, tmp_path):
     def run(n):
         arrays = dict(zip(["x", "wq", "scale", "y"], inputs))
         arrays["y"][...] = np.nan
-        kernel(arrays, wl["N"] // bn, -(-wl["M"] // bm), block_x=32)
+        kernel(arrays, -(-wl["M"] // bm), wl["N"] // bn, block_x=32)
         return [arrays["y"]]
     assert GEMM.relative_error(inputs, run) < GEMM.tolerance
 
