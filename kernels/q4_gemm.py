@@ -7,8 +7,9 @@ The baseline is dlight's Matmul rule on the same compute, which runs CUDA cores 
 
 GPU schedule (CUDA, sm_70+): a block owns a (16 warps_m tiles_m) x (16 warps_n tiles_n) tile of
 y; each warp owns tiles_m x tiles_n 16x16 accumulators. Per step of 16 k_tiles along K, the
-block copies its rows of x and decodes its rows of w into shared memory. M is padded up to the
-block's rows (a bucket need not be a multiple of 16); N and K must divide. Elsewhere (ROCm)
+block copies its rows of x and decodes its rows of w into shared memory; with `pipeline` the
+next step's loads are in flight meanwhile (`_pipeline`). M is padded up to the block's rows (a
+bucket need not be a multiple of 16); N and K must divide. Elsewhere (ROCm)
 builds take dlight's Matmul on this compute, the decode inlined into its loads.
 """
 from __future__ import annotations
@@ -58,7 +59,8 @@ def _tile(knobs) -> tuple[int, int, int]:
     return 16 * knobs["warps_m"] * knobs["tiles_m"], 16 * knobs["warps_n"] * knobs["tiles_n"], 16 * knobs["k_tiles"]
 
 
-def schedule_wmma(sch: s_tir.Schedule, warps_m: int, warps_n: int, tiles_m: int, tiles_n: int, k_tiles: int) -> None:
+def schedule_wmma(sch: s_tir.Schedule, warps_m: int, warps_n: int, tiles_m: int, tiles_n: int, k_tiles: int,
+                  pipeline: int) -> None:
     from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
 
     bm, bn, bk = _tile(locals())
@@ -83,8 +85,10 @@ def schedule_wmma(sch: s_tir.Schedule, warps_m: int, warps_n: int, tiles_m: int,
 
     # x, then w: a block's step into shared memory, 4 halves a thread at a time (8 would make
     # TVM's CUDA for the decode use 8-lane float vectors)
+    stages = []
     for operand in (0, 1):
         stage = sch.cache_read(tile, operand, "shared.dyn")
+        stages.append(stage)
         sch.compute_at(stage, ko)
         flat = sch.fuse(*sch.get_loops(stage)[-2:])
         _, ty, tx, v = sch.split(flat, [None, warps_m * warps_n, 32, 4])
@@ -95,6 +99,8 @@ def schedule_wmma(sch: s_tir.Schedule, warps_m: int, warps_n: int, tiles_m: int,
     # The decode (and M's zero padding) happens in the shared stages' loads.
     for name in ("decode", "x_pad") if padded else ("decode",):
         sch.compute_inline(sch.get_sblock(name))
+    if pipeline:
+        _pipeline(sch, ko, *stages, warps_m * warps_n)
 
     frag_a = sch.cache_read(tile, 0, "wmma.matrix_a")
     frag_b = sch.cache_read(tile, 1, "wmma.matrix_b")
@@ -129,6 +135,26 @@ def schedule_wmma(sch: s_tir.Schedule, warps_m: int, warps_n: int, tiles_m: int,
     sch.vectorize(v)
 
 
+def _pipeline(sch: s_tir.Schedule, ko, x_stage, w_stage, warps: int) -> None:
+    """Step t + 1's loads in flight while step t decodes and multiplies: the raw weight words and
+    scales get a shared stage of their own (the decode then reads them from there), and x and they
+    go through registers first (`manifest_shared_memory_local_stage`), so that TVM's software
+    pipeline can issue their global loads before step t's work and store them after it."""
+    for operand in (0, 1):                       # wq, scale
+        raw = sch.cache_read(w_stage, operand, "shared.dyn")
+        sch.compute_at(raw, ko)
+        loops = sch.get_loops(raw)
+        own = loops[[sch.get(loop).same_as(sch.get(ko)) for loop in loops].index(True) + 1:]
+        _, ty, tx = sch.split(sch.fuse(*own) if len(own) > 1 else own[0], [None, warps, 32])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+        sch.annotate(raw, "tirx.manifest_shared_memory_local_stage", 1)
+    sch.annotate(x_stage, "tirx.manifest_shared_memory_local_stage", 1)
+    # ko's body: x, wq, scale (each global -> registers, then -> shared), the decode, the mma loop
+    sch.annotate(ko, "software_pipeline_stage", [0, 0, 0, 0, 0, 0, 1, 1])
+    sch.annotate(ko, "software_pipeline_order", [0, 5, 1, 6, 2, 7, 3, 4])
+
+
 @register
 class Q4Gemm(Template):
     name = "q4f16_1_gemm"
@@ -138,6 +164,7 @@ class Q4Gemm(Template):
         "tiles_m": [1, 2, 4],      # 16x16 accumulators a warp holds along M
         "tiles_n": [1, 2, 4],      # and along N
         "k_tiles": [1, 2, 4, 8],   # 16-wide K slices a block stages in shared memory at once
+        "pipeline": [0, 1],        # 1: the next step's loads in flight during this step's math
     }
     cpu_knobs = {"n_tile": [8, 32]}   # output columns a CPU task computes
 
@@ -172,7 +199,8 @@ class Q4Gemm(Template):
         threads = 32 * knobs["warps_m"] * knobs["warps_n"]
         if threads > 1024:
             return f"{threads} threads"
-        if (bm + bn) * (bk + 8) * 2 + bm * (bn + 4) * 4 > SHARED_BYTES:   # the stages, the output tile
+        raw = bn * bk // 8 * 4 + bn * bk // GROUP * 2 if knobs["pipeline"] else 0   # words, scales
+        if (bm + bn) * (bk + 8) * 2 + raw + bm * (bn + 4) * 4 > SHARED_BYTES:   # the stages, the output tile
             return f"needs more than {SHARED_BYTES} bytes of shared memory"
         return None
 
@@ -183,9 +211,9 @@ class Q4Gemm(Template):
         # so a 16-row prompt still spreads N / 64 blocks over the SMs. Then whatever fits.
         M = wl["M"]
         tiles_m = max(t for t in (1, 2, 4) if t <= -(-M // 16)) if M <= 64 else 2
-        first = dict(warps_m=2 if M > 64 else 1, warps_n=4, tiles_m=tiles_m, tiles_n=1, k_tiles=4)
+        first = dict(warps_m=2 if M > 64 else 1, warps_n=4, tiles_m=tiles_m, tiles_n=1, k_tiles=4, pipeline=1)
         space = [dict(zip(self.gpu_knobs, v)) for v in itertools.product(*self.gpu_knobs.values())]
-        space.sort(key=lambda k: (-k["k_tiles"], -min(_tile(k)[0], M) * _tile(k)[1]))
+        space.sort(key=lambda k: (-k["pipeline"], -k["k_tiles"], -min(_tile(k)[0], M) * _tile(k)[1]))
         for knobs in [first, *space]:
             if self.check(wl, knobs, target) is None:
                 return knobs

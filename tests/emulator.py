@@ -130,7 +130,8 @@ template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 template <typename F, typename T> void fill_fragment(F& f, T value) {
   for (auto& row : f.v) for (auto& e : row) e = static_cast<float>(value);
 }
-template <typename Use, typename L> void load_matrix_sync(fragment<Use, 16, 16, 16, half, L>& f, const half* p, unsigned ldm) {
+template <typename Use, typename L>
+void load_matrix_sync(fragment<Use, 16, 16, 16, half, L>& f, const half* p, unsigned ldm) {
   constexpr bool col = std::is_same_v<L, col_major>;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.v[r][c] = __half2float(col ? p[c * ldm + r] : p[r * ldm + c]);
@@ -217,7 +218,8 @@ def emulate(src, tmp_path):
         f'extern "C" void emu_{name}(void** a, unsigned gx, unsigned gy, unsigned cluster, unsigned bx) {{\n'
         + "".join(f"  auto {n} = ({t.replace('__restrict__', '').strip()})a[{i}];\n" if "*" in t else
                   f"  auto {n} = ({t})(intptr_t)a[{i}];\n" for i, (t, n) in enumerate(params[name]))
-        + f"  emu_launch([=] {{ {name}({', '.join(n for _, n in params[name])}); }}, gx, gy, {threads}, cluster, bx ? bx : {threads});\n}}\n"
+        + f"  emu_launch([=] {{ {name}({', '.join(n for _, n in params[name])}); }}, gx, gy, {threads}, cluster,"
+        + f" bx ? bx : {threads});\n}}\n"
         for threads, name, _ in kernels)
     # A new file per build: rewriting a loaded library would change code that is mapped.
     n = len(list(tmp_path.glob("k*.so")))

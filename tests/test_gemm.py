@@ -48,9 +48,13 @@ def test_reference_rounds_the_weights_to_fp16():
 @pytest.mark.parametrize("wl,knobs", [
     ({"M": 16, "N": 128, "K": 128}, None),                                        # default: a prompt bucket
     ({"M": 40, "N": 64, "K": 64}, None),                                          # M padded to the block's rows
-    ({"M": 5, "N": 64, "K": 128}, {"warps_m": 1, "warps_n": 2, "tiles_m": 1, "tiles_n": 2, "k_tiles": 2}),
-    ({"M": 64, "N": 64, "K": 64}, {"warps_m": 2, "warps_n": 1, "tiles_m": 2, "tiles_n": 4, "k_tiles": 1}),
-], ids=["bucket16", "padded40", "short5", "four-tiles"])
+    ({"M": 5, "N": 64, "K": 128}, {"warps_m": 1, "warps_n": 2, "tiles_m": 1, "tiles_n": 2, "k_tiles": 2,
+                                   "pipeline": 0}),
+    ({"M": 64, "N": 64, "K": 128}, {"warps_m": 2, "warps_n": 1, "tiles_m": 2, "tiles_n": 4, "k_tiles": 1,
+                                    "pipeline": 1}),
+    ({"M": 16, "N": 128, "K": 256}, {"warps_m": 1, "warps_n": 4, "tiles_m": 1, "tiles_n": 1, "k_tiles": 4,
+                                     "pipeline": 0}),
+], ids=["bucket16", "padded40", "short5", "four-tiles", "unpipelined"])
 def test_gemm_tensor_core_kernel_on_cpu_threads(wl, knobs, tmp_path):
     """Every output written from the right rows: y starts as NaN; x's padding rows must not leak."""
     knobs = knobs or GEMM.default_knobs(wl, SM90)
@@ -89,10 +93,11 @@ def test_gemm_checks_and_defaults():
     wl = {"M": 16, "N": 4096, "K": 4096}
     default = GEMM.default_knobs(wl, SM90)
     GEMM.validate_knobs(default)
-    assert (default["tiles_m"], default["warps_n"], default["k_tiles"]) == (1, 4, 4)   # 64 blocks for 4096
+    # 16 rows: a block of 4 warps per 64 columns (64 blocks for N 4096), pipelined 64-wide K steps
+    assert (default["tiles_m"], default["warps_n"], default["k_tiles"], default["pipeline"]) == (1, 4, 4, 1)
     assert "does not divide" in GEMM.check({"M": 16, "N": 96, "K": 4096}, {**default, "tiles_n": 2}, SM90)
     assert "exceed" in GEMM.check(wl, {**default, "tiles_m": 2}, SM90)
-    big = {"warps_m": 4, "warps_n": 8, "tiles_m": 4, "tiles_n": 4, "k_tiles": 4}
+    big = {"warps_m": 4, "warps_n": 8, "tiles_m": 4, "tiles_n": 4, "k_tiles": 4, "pipeline": 0}
     assert "shared memory" in GEMM.check({"M": 256, "N": 4096, "K": 4096}, big, SM90)
     for M in (1, 16, 40, 64, 100, 256, 512):
         for N, K in ((4096, 4096), (22016, 4096), (4096, 11008), (1280, 8192), (96, 64)):
