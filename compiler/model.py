@@ -226,8 +226,9 @@ class Llama(nn.Module):
         new_caches = []
         for i, layer in enumerate(self.layers):
             y = op.rms_norm(h, layer.input_norm.weight, axes=[-1], epsilon=eps)
-            k_cache, v_cache, q = template_op(plan["rope"], [layer.qkv.matmul(y, plan.get("qkv")), pos, caches[2 * i],
-                                                             caches[2 * i + 1]], inplace=[2, 3])
+            qkv = layer.qkv.matmul(y, plan.get("qkv"))
+            k_cache, v_cache, q = template_op(plan["rope"], [qkv, pos, caches[2 * i], caches[2 * i + 1]],
+                                              inplace=[2, 3])
             new_caches += [k_cache, v_cache]
             a = template_op(plan["attention"], [q, k_cache, v_cache, pos])
             h = h + reduce(layer.o.matmul(a, plan.get("o")))
