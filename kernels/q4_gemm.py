@@ -22,7 +22,7 @@ from tvm import s_tir
 from tvm.script import tirx as T
 
 from . import register
-from .q4_gemv import GROUP, dequantize, pack_q4
+from .q4_gemv import GROUP, dequantize, random_q4
 from .template import Template, target_is_gpu
 
 SHARED_BYTES = 48 * 1024   # dynamic shared memory a block may use without opting in
@@ -241,8 +241,7 @@ class Q4Gemm(Template):
     def inputs(self, wl, rng):
         M, N, K = wl["M"], wl["N"], wl["K"]
         x = rng.standard_normal((M, K)).astype(np.float16)
-        wq = pack_q4(rng.integers(0, 16, (N, K)))
-        scale = (rng.random((N, K // GROUP)) * 0.02 + 0.005).astype(np.float16)
+        wq, scale = random_q4(rng, N, K)
         return [x, wq, scale, np.zeros((M, N), np.float16)]
 
     def reference(self, inputs):

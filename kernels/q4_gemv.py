@@ -35,6 +35,12 @@ def unpack_q4(wq: np.ndarray) -> np.ndarray:
     return ((wq[:, :, None] >> (4 * np.arange(8, dtype=np.uint32))) & 15).reshape(n, w * 8)
 
 
+def random_q4(rng: np.random.Generator, N: int, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random packed weights and scales, the scales sized so that a product with unit x stays O(1)."""
+    wq = pack_q4(rng.integers(0, 16, (N, K)))
+    return wq, (rng.random((N, K // GROUP)) * 0.02 + 0.005).astype(np.float16)
+
+
 def dequantize(wq: np.ndarray, scale: np.ndarray) -> np.ndarray:
     q = unpack_q4(wq).astype(np.float32) - 7
     return q * np.repeat(scale.astype(np.float32), GROUP, axis=1)
@@ -156,9 +162,7 @@ class Q4Gemv(Template):
     def inputs(self, wl, rng):
         B, N, K = wl["batch"], wl["N"], wl["K"]
         x = rng.standard_normal((B, K)).astype(np.float16)
-        wq = pack_q4(rng.integers(0, 16, (N, K)))
-        # scales sized so outputs stay O(1) in fp16
-        scale = (rng.random((N, K // GROUP)) * 0.02 + 0.005).astype(np.float16)
+        wq, scale = random_q4(rng, N, K)
         extra = [rng.standard_normal((B, N)).astype(np.float16)] if self.epilogue == "residual" else []
         return [x, wq, scale, *extra, np.zeros((B, self.outputs(wl)), np.float16)]
 
