@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..models import load_config
 from ..plan import DEFAULT_CAPACITY, PREFILL_BUCKETS, check_quant, prefill_buckets
+from ..kernels import PASS_CONFIG
 from .model import KERNEL_ATTR, Llama
 from .pdl import pdl_pipeline
 from .random_fill import add_fill_functions
@@ -170,7 +171,8 @@ def build(out_dir: str, model: str | None = None, weights: str | None = None, ra
     # matmul(x, W^T) as one NT matmul kernel (prefill, and q0f32's decode), not a transpose of W first
     mod = relax.transform.FuseTransposeMatmul()(mod)
     config = {"use_cuda_graph": a.vendor == "nvidia", "pdl": use_pdl}
-    with target, tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": config["use_cuda_graph"]}):
+    pass_config = {**PASS_CONFIG, "relax.backend.use_cuda_graph": config["use_cuda_graph"]}
+    with target, tvm.transform.PassContext(opt_level=3, config=pass_config):
         ex = tvm.compile(mod, target=target, tir_pipeline=pdl_pipeline() if use_pdl else "default")
     if config["use_cuda_graph"]:   # how many graphs each step runs: decode and each prefill_<n> one
         steps = ["decode", *(["decode_nccl"] if llama.fused_allreduce else []), *(f"prefill_{n}" for n in buckets)]

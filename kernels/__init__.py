@@ -4,6 +4,9 @@ from __future__ import annotations
 from .template import KnobError, Template
 
 _REGISTRY: dict[str, Template] = {}
+# What every kernel build compiles with: cp.async where a schedule's software pipeline asks for it
+# (q4f16_1_gemm's `pipeline`); no other kernel's code changes with it.
+PASS_CONFIG = {"tirx.use_async_copy": True}
 
 
 def register(template_cls):
@@ -36,4 +39,4 @@ def all_templates() -> dict[str, Template]:
     return dict(_REGISTRY)
 
 
-__all__ = ["KnobError", "Template", "register", "get_template", "all_templates"]
+__all__ = ["KnobError", "PASS_CONFIG", "Template", "register", "get_template", "all_templates"]

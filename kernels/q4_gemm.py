@@ -136,23 +136,24 @@ def schedule_wmma(sch: s_tir.Schedule, warps_m: int, warps_n: int, tiles_m: int,
 
 
 def _pipeline(sch: s_tir.Schedule, ko, x_stage, w_stage, warps: int) -> None:
-    """Step t + 1's loads in flight while step t decodes and multiplies: the raw weight words and
-    scales get a shared stage of their own (the decode then reads them from there), and x and they
-    go through registers first (`manifest_shared_memory_local_stage`), so that TVM's software
-    pipeline can issue their global loads before step t's work and store them after it."""
-    for operand in (0, 1):                       # wq, scale
+    """Step t + 1's copies in flight while step t decodes and multiplies: the raw weight words and
+    scales get a shared stage of their own (the decode then reads them from there), and TVM's
+    software pipeline makes the copies of x, words and scales `cp.async` (PASS_CONFIG), into two
+    buffers each. (Through registers instead, nvcc moved the loads down to their stores, after the
+    mma.) Each decode step then waits at a barrier: TVM sees one merged shared buffer."""
+    for operand, vec in ((0, 1), (1, 2)):       # words one at a time, scales two (cp.async moves 4+ bytes)
         raw = sch.cache_read(w_stage, operand, "shared.dyn")
         sch.compute_at(raw, ko)
         loops = sch.get_loops(raw)
         own = loops[[sch.get(loop).same_as(sch.get(ko)) for loop in loops].index(True) + 1:]
-        _, ty, tx = sch.split(sch.fuse(*own) if len(own) > 1 else own[0], [None, warps, 32])
+        _, ty, tx, v = sch.split(sch.fuse(*own) if len(own) > 1 else own[0], [None, warps, 32, vec])
         sch.bind(ty, "threadIdx.y")
         sch.bind(tx, "threadIdx.x")
-        sch.annotate(raw, "tirx.manifest_shared_memory_local_stage", 1)
-    sch.annotate(x_stage, "tirx.manifest_shared_memory_local_stage", 1)
-    # ko's body: x, wq, scale (each global -> registers, then -> shared), the decode, the mma loop
-    sch.annotate(ko, "software_pipeline_stage", [0, 0, 0, 0, 0, 0, 1, 1])
-    sch.annotate(ko, "software_pipeline_order", [0, 5, 1, 6, 2, 7, 3, 4])
+        sch.vectorize(v)
+    # ko's body: the copies of x, words and scales (stage 0, async), the decode, the mma loop
+    sch.annotate(ko, "software_pipeline_stage", [0, 0, 0, 1, 1])
+    sch.annotate(ko, "software_pipeline_order", [0, 1, 2, 3, 4])
+    sch.annotate(ko, "software_pipeline_async_stages", [0])
 
 
 @register
@@ -199,8 +200,12 @@ class Q4Gemm(Template):
         threads = 32 * knobs["warps_m"] * knobs["warps_n"]
         if threads > 1024:
             return f"{threads} threads"
-        raw = bn * bk // 8 * 4 + bn * bk // GROUP * 2 if knobs["pipeline"] else 0   # words, scales
-        if (bm + bn) * (bk + 8) * 2 + raw + bm * (bn + 4) * 4 > SHARED_BYTES:   # the stages, the output tile
+        if knobs["pipeline"] and knobs["k_tiles"] < 4:
+            return "pipeline copies two scales a row at least: k_tiles 4 or 8"
+        staged = (bm + bn) * (bk + 8) * 2                        # x and the decoded w
+        if knobs["pipeline"]:                                    # x again, words and scales, twice
+            staged += bm * (bk + 8) * 2 + 2 * (bn * bk // 8 * 4 + bn * bk // GROUP * 2)
+        if staged + bm * (bn + 4) * 4 > SHARED_BYTES:            # and the output tile
             return f"needs more than {SHARED_BYTES} bytes of shared memory"
         return None
 

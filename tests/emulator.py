@@ -121,6 +121,7 @@ static int st_mma_16816(float* d, half a0, half a1, half a2, half a3, half a4, h
   for (int i = 0; i < 4; ++i) d[i] += out[i];
   return 0;
 }
+static unsigned int __cvta_generic_to_shared(const void*) { return 0; }   // cp.async copies by pointer here
 namespace nvcuda::wmma {   // 16x16x16 tiles, as TVM's tensor-core intrinsics use them
 struct matrix_a; struct matrix_b; struct accumulator; struct row_major; struct col_major;
 enum layout_t { mem_row_major, mem_col_major };
@@ -210,6 +211,15 @@ def emulate(src, tmp_path):
                  r"uchar* \2 = static_cast<uchar*>(emu_shared(1 << 17, \1));", src)
     assert "__shared__" not in src, "a shared declaration the emulator does not know"
     src = src.replace("#include <mma.h>", "").replace(ST_CLUSTER_CUDA, "").replace(ST_LL_CUDA, "")
+    # cp.async copies at once (a wait then has nothing left to wait for); commit and wait do nothing
+    src = re.sub(r'unsigned int dst_addr = __cvta_generic_to_shared\(dst_p\);\s*asm volatile\("cp\.async\.c[ag]\.shared'
+                 r'\.global \[%0\], \[%1\], %2;"\s*::\s*"r"\(dst_addr\), "l"\(src_p\), "n"\((\d+)\)\);',
+                 r"std::memcpy(dst_p, src_p, \1);", src)
+    src = re.sub(r'(void ptx_cp_async_\w*pred\w*\([^)]*\) \{\n.*?= __cvta_generic_to_shared\(dst_p\);\n)\s*__asm__'
+                 r' __volatile__\(.*?"n"\((\d+)\).*?\);',   # predicated: zeros where the predicate is off
+                 r"\1  if (predicate) std::memcpy(dst_p, src_p, \2); else std::memset(dst_p, 0, \2);", src, flags=re.S)
+    src = re.sub(r'asm volatile\("cp\.async\.(commit_group|wait_group \d+);"[^;]*\);', "", src)
+    assert "cp.async" not in src, "a cp.async form the emulator does not know"
     src = re.sub(r"__forceinline__ __device__ unsigned int tvm_builtin_cluster_ctaid_x\(\) \{.*?\n\}\n", "", src,
                  flags=re.S)
     kernels = re.findall(r'extern "C" __global__ void __launch_bounds__\((\d+)\) (\w+)\(([^)]*)\) \{', src)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tvm
 
-from shardtune.kernels import get_template
+from shardtune.kernels import PASS_CONFIG, get_template
 from shardtune.tuner.measure import run_poisoned
 from shardtune.tuner.targets import get_arch, target_of
 from emulator import emulate   # tests/ is on sys.path under pytest: generated CUDA C on CPU threads
@@ -15,6 +15,12 @@ from emulator import emulate   # tests/ is on sys.path under pytest: generated C
 CPU = target_of(get_arch("cpu"))
 SM90 = target_of(get_arch("sm_90"))
 GEMM = get_template("q4f16_1_gemm")
+
+
+def cuda_source(wl, knobs):
+    """The kernel's CUDA C as builds compile it (cp.async on: PASS_CONFIG)."""
+    with SM90, tvm.transform.PassContext(config=PASS_CONFIG):
+        return tvm.compile(GEMM.schedule(wl, knobs, SM90), target=SM90).mod.imports[0].inspect_source()
 
 
 def valid_gpu_knobs(wl):
@@ -50,8 +56,8 @@ def test_reference_rounds_the_weights_to_fp16():
     ({"M": 40, "N": 64, "K": 64}, None),                                          # M padded to the block's rows
     ({"M": 5, "N": 64, "K": 128}, {"warps_m": 1, "warps_n": 2, "tiles_m": 1, "tiles_n": 2, "k_tiles": 2,
                                    "pipeline": 0}),
-    ({"M": 64, "N": 64, "K": 128}, {"warps_m": 2, "warps_n": 1, "tiles_m": 2, "tiles_n": 4, "k_tiles": 1,
-                                    "pipeline": 1}),
+    ({"M": 32, "N": 128, "K": 256}, {"warps_m": 1, "warps_n": 1, "tiles_m": 2, "tiles_n": 4, "k_tiles": 4,
+                                     "pipeline": 1}),
     ({"M": 16, "N": 128, "K": 256}, {"warps_m": 1, "warps_n": 4, "tiles_m": 1, "tiles_n": 1, "k_tiles": 4,
                                      "pipeline": 0}),
 ], ids=["bucket16", "padded40", "short5", "four-tiles", "unpipelined"])
@@ -59,9 +65,8 @@ def test_gemm_tensor_core_kernel_on_cpu_threads(wl, knobs, tmp_path):
     """Every output written from the right rows: y starts as NaN; x's padding rows must not leak."""
     knobs = knobs or GEMM.default_knobs(wl, SM90)
     assert GEMM.check(wl, knobs, SM90) is None, knobs
-    with SM90:
-        src = tvm.compile(GEMM.schedule(wl, knobs, SM90), target=SM90).mod.imports[0].inspect_source()
-    assert "wmma::mma_sync" in src
+    src = cuda_source(wl, knobs)
+    assert "wmma::mma_sync" in src and ("cp.async.ca" in src) == bool(knobs["pipeline"])
     (kernel,) = emulate(src, tmp_path).values()
     inputs = GEMM.inputs(wl, np.random.default_rng(1))
     bm, bn = 16 * knobs["warps_m"] * knobs["tiles_m"], 16 * knobs["warps_n"] * knobs["tiles_n"]
@@ -81,8 +86,7 @@ def test_gemm_cuda_compiles_for_model_shapes():
         valid = valid_gpu_knobs(wl)
         rng = np.random.default_rng(M)
         for knobs in [GEMM.default_knobs(wl, SM90), *(valid[i] for i in rng.choice(len(valid), 2, replace=False))]:
-            with SM90:
-                src = tvm.compile(GEMM.schedule(wl, knobs, SM90), target=SM90).mod.imports[0].inspect_source()
+            src = cuda_source(wl, knobs)
             assert src.count("wmma::mma_sync") >= 1 and "uint4" not in src.split("mma_sync")[0][-200:]
             if shutil.which("nvcc"):
                 with SM90:

@@ -46,12 +46,12 @@ def build(template_name: str, wl: dict, knobs: dict | None, target_json: dict, p
     without a GPU driver TVM stops at CUDA source, and this proves the source builds (CI)."""
     import tvm
 
-    from ..kernels import get_template
+    from ..kernels import PASS_CONFIG, get_template
 
     tpl = get_template(template_name)
     target = tvm.target.Target(target_json)
     mod = tpl.schedule(wl, knobs, target) if knobs is not None else tpl.dlight_schedule(wl, target)
-    with target:  # nvcc takes -arch from the current target
+    with target, tvm.transform.PassContext(config=PASS_CONFIG):  # nvcc takes -arch from the current target
         ex = tvm.compile(mod, target=target)
         if nvcc and target.kind.name == "cuda":
             from tvm.support import nvcc as tvm_nvcc
