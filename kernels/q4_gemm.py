@@ -7,8 +7,8 @@ The baseline is dlight's Matmul rule on the same compute, which runs CUDA cores 
 
 GPU schedule (CUDA, sm_70+): a block owns a (16 warps_m tiles_m) x (16 warps_n tiles_n) tile of
 y; each warp owns tiles_m x tiles_n 16x16 accumulators. Per step of 16 k_tiles along K, the
-block copies its rows of x and decodes its rows of w into shared memory; with `pipeline` the
-next step's loads are in flight meanwhile (`_pipeline`). M is padded up to the block's rows (a
+block copies its rows of x and decodes its rows of w into shared memory; with `pipeline` P the
+next P steps' loads are in flight meanwhile (`_pipeline`). M is padded up to the block's rows (a
 bucket need not be a multiple of 16); N and K must divide. Elsewhere (ROCm)
 builds take dlight's Matmul on this compute, the decode inlined into its loads.
 """
@@ -25,7 +25,9 @@ from . import register
 from .q4_gemv import GROUP, dequantize, random_q4
 from .template import Template, target_is_gpu
 
-SHARED_BYTES = 48 * 1024   # dynamic shared memory a block may use without opting in
+# Shared memory a block may use: static at most 48 KB (the output tile), and all of it at most what
+# sm_86 and sm_89 allow with the opt-in TVM's runtime makes for dynamic shared memory (99 KB).
+STATIC_BYTES, SHARED_BYTES = 48 * 1024, 96 * 1024
 
 
 def q4_gemm_compute(M: int, N: int, K: int):
@@ -100,7 +102,7 @@ def schedule_wmma(sch: s_tir.Schedule, warps_m: int, warps_n: int, tiles_m: int,
     for name in ("decode", "x_pad") if padded else ("decode",):
         sch.compute_inline(sch.get_sblock(name))
     if pipeline:
-        _pipeline(sch, ko, *stages, warps_m * warps_n)
+        _pipeline(sch, ko, *stages, warps_m * warps_n, pipeline)
 
     frag_a = sch.cache_read(tile, 0, "wmma.matrix_a")
     frag_b = sch.cache_read(tile, 1, "wmma.matrix_b")
@@ -135,12 +137,12 @@ def schedule_wmma(sch: s_tir.Schedule, warps_m: int, warps_n: int, tiles_m: int,
     sch.vectorize(v)
 
 
-def _pipeline(sch: s_tir.Schedule, ko, x_stage, w_stage, warps: int) -> None:
-    """Step t + 1's copies in flight while step t decodes and multiplies: the raw weight words and
-    scales get a shared stage of their own (the decode then reads them from there), and TVM's
-    software pipeline makes the copies of x, words and scales `cp.async` (PASS_CONFIG), into two
-    buffers each. (Through registers instead, nvcc moved the loads down to their stores, after the
-    mma.) Each decode step then waits at a barrier: TVM sees one merged shared buffer."""
+def _pipeline(sch: s_tir.Schedule, ko, x_stage, w_stage, warps: int, depth: int) -> None:
+    """Steps t + 1 .. t + depth's copies in flight while step t decodes and multiplies: the raw weight
+    words and scales get a shared stage of their own (the decode then reads them from there), and
+    TVM's software pipeline makes the copies of x, words and scales `cp.async` (PASS_CONFIG), into
+    depth + 1 buffers each. (Through registers instead, nvcc moved the loads down to their stores,
+    after the mma.) Each decode step then waits at a barrier: TVM sees one merged shared buffer."""
     for operand, vec in ((0, 1), (1, 2)):       # words one at a time, scales two (cp.async moves 4+ bytes)
         raw = sch.cache_read(w_stage, operand, "shared.dyn")
         sch.compute_at(raw, ko)
@@ -151,7 +153,7 @@ def _pipeline(sch: s_tir.Schedule, ko, x_stage, w_stage, warps: int) -> None:
         sch.bind(tx, "threadIdx.x")
         sch.vectorize(v)
     # ko's body: the copies of x, words and scales (stage 0, async), the decode, the mma loop
-    sch.annotate(ko, "software_pipeline_stage", [0, 0, 0, 1, 1])
+    sch.annotate(ko, "software_pipeline_stage", [0, 0, 0, depth, depth])
     sch.annotate(ko, "software_pipeline_order", [0, 1, 2, 3, 4])
     sch.annotate(ko, "software_pipeline_async_stages", [0])
 
@@ -165,7 +167,7 @@ class Q4Gemm(Template):
         "tiles_m": [1, 2, 4],      # 16x16 accumulators a warp holds along M
         "tiles_n": [1, 2, 4],      # and along N
         "k_tiles": [1, 2, 4, 8],   # 16-wide K slices a block stages in shared memory at once
-        "pipeline": [0, 1],        # 1: the next step's loads in flight during this step's math
+        "pipeline": [0, 1, 2],     # K steps whose loads are in flight during this step's math
     }
     cpu_knobs = {"n_tile": [8, 32]}   # output columns a CPU task computes
 
@@ -203,10 +205,12 @@ class Q4Gemm(Template):
         if knobs["pipeline"] and knobs["k_tiles"] < 4:
             return "pipeline copies two scales a row at least: k_tiles 4 or 8"
         staged = (bm + bn) * (bk + 8) * 2                        # x and the decoded w
-        if knobs["pipeline"]:                                    # x again, words and scales, twice
-            staged += bm * (bk + 8) * 2 + 2 * (bn * bk // 8 * 4 + bn * bk // GROUP * 2)
-        if staged + bm * (bn + 4) * 4 > SHARED_BYTES:            # and the output tile
-            return f"needs more than {SHARED_BYTES} bytes of shared memory"
+        if knobs["pipeline"]:                     # more copies of x, and the words and scales
+            copies = knobs["pipeline"] + 1
+            staged += (copies - 1) * bm * (bk + 8) * 2 + copies * (bn * bk // 8 * 4 + bn * bk // GROUP * 2)
+        out = bm * (bn + 4) * 4                                   # the output tile, static
+        if out > STATIC_BYTES or staged + out > SHARED_BYTES:
+            return f"needs more than {SHARED_BYTES} bytes of shared memory ({STATIC_BYTES} static)"
         return None
 
     def default_knobs(self, wl, target):
@@ -216,10 +220,10 @@ class Q4Gemm(Template):
         # so a 16-row prompt still spreads N / 64 blocks over the SMs. Then whatever fits.
         M = wl["M"]
         tiles_m = max(t for t in (1, 2, 4) if t <= -(-M // 16)) if M <= 64 else 2
-        first = dict(warps_m=2 if M > 64 else 1, warps_n=4, tiles_m=tiles_m, tiles_n=1, k_tiles=4, pipeline=1)
+        first = dict(warps_m=2 if M > 64 else 1, warps_n=4, tiles_m=tiles_m, tiles_n=1, k_tiles=4)
         space = [dict(zip(self.gpu_knobs, v)) for v in itertools.product(*self.gpu_knobs.values())]
         space.sort(key=lambda k: (-k["pipeline"], -k["k_tiles"], -min(_tile(k)[0], M) * _tile(k)[1]))
-        for knobs in [first, *space]:
+        for knobs in [*({**first, "pipeline": p} for p in (2, 1, 0)), *space]:
             if self.check(wl, knobs, target) is None:
                 return knobs
         raise ValueError(f"no tensor-core tiling fits {wl}")

@@ -52,8 +52,8 @@ def test_reference_rounds_the_weights_to_fp16():
 
 
 @pytest.mark.parametrize("wl,knobs", [
-    ({"M": 16, "N": 128, "K": 128}, None),                                        # default: a prompt bucket
-    ({"M": 40, "N": 64, "K": 64}, None),                                          # M padded to the block's rows
+    ({"M": 16, "N": 128, "K": 256}, None),                                        # default: a prompt bucket
+    ({"M": 40, "N": 64, "K": 256}, None),                                         # M padded to the block's rows
     ({"M": 5, "N": 64, "K": 128}, {"warps_m": 1, "warps_n": 2, "tiles_m": 1, "tiles_n": 2, "k_tiles": 2,
                                    "pipeline": 0}),
     ({"M": 32, "N": 128, "K": 256}, {"warps_m": 1, "warps_n": 1, "tiles_m": 2, "tiles_n": 4, "k_tiles": 4,
@@ -97,8 +97,8 @@ def test_gemm_checks_and_defaults():
     wl = {"M": 16, "N": 4096, "K": 4096}
     default = GEMM.default_knobs(wl, SM90)
     GEMM.validate_knobs(default)
-    # 16 rows: a block of 4 warps per 64 columns (64 blocks for N 4096), pipelined 64-wide K steps
-    assert (default["tiles_m"], default["warps_n"], default["k_tiles"], default["pipeline"]) == (1, 4, 4, 1)
+    # 16 rows: a block of 4 warps per 64 columns (64 blocks for N 4096), 64-wide K steps, 2 ahead
+    assert (default["tiles_m"], default["warps_n"], default["k_tiles"], default["pipeline"]) == (1, 4, 4, 2)
     assert "does not divide" in GEMM.check({"M": 16, "N": 96, "K": 4096}, {**default, "tiles_n": 2}, SM90)
     assert "exceed" in GEMM.check(wl, {**default, "tiles_m": 2}, SM90)
     big = {"warps_m": 4, "warps_n": 8, "tiles_m": 4, "tiles_n": 4, "k_tiles": 4, "pipeline": 0}
