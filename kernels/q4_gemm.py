@@ -5,11 +5,11 @@ q4f16_1 as in q4_gemv.py. They are dequantized on the way into shared memory, ne
 back as fp16, and multiplied on tensor cores (wmma 16x16x16, fp32 accumulation) at every M.
 The baseline is dlight's Matmul rule on the same compute, which runs CUDA cores up to 64 rows.
 
-GPU schedule (CUDA, sm_70+): a block owns a (16 warps_m tiles_m) x (16 warps_n tiles_n) tile of
+GPU schedule (CUDA, sm_80+): a block owns a (16 warps_m tiles_m) x (16 warps_n tiles_n) tile of
 y; each warp owns tiles_m x tiles_n 16x16 accumulators. Per step of 16 k_tiles along K, the
 block copies its rows of x and decodes its rows of w into shared memory; with `pipeline` P the
-next P steps' loads are in flight meanwhile (`_pipeline`). M is padded up to the block's rows (a
-bucket need not be a multiple of 16); N and K must divide. Elsewhere (ROCm)
+next P steps' copies are in flight meanwhile (cp.async, `_pipeline`). M is padded up to the
+block's rows (a bucket need not be a multiple of 16); N and K must divide. Elsewhere (ROCm)
 builds take dlight's Matmul on this compute, the decode inlined into its loads.
 """
 from __future__ import annotations
