@@ -229,8 +229,6 @@ class Q4Gemm(Template):
         raise ValueError(f"no tensor-core tiling fits {wl}")
 
     def schedule(self, wl, knobs, target):
-        if target_is_gpu(target) and target.kind.name != "cuda":
-            return self.dlight_schedule(wl, target)
         sch = s_tir.Schedule(tvm.IRModule({"main": self.compute(wl)}))
         if target_is_gpu(target):
             schedule_wmma(sch, **knobs)
