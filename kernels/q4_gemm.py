@@ -61,6 +61,14 @@ def _tile(knobs) -> tuple[int, int, int]:
     return 16 * knobs["warps_m"] * knobs["tiles_m"], 16 * knobs["warps_n"] * knobs["tiles_n"], 16 * knobs["k_tiles"]
 
 
+def _spread(sch: s_tir.Schedule, stage, warps: int, vec: int) -> None:
+    """A shared stage's copy over the block: its two loops fused, `vec` elements a thread at a time."""
+    _, ty, tx, v = sch.split(sch.fuse(*sch.get_loops(stage)[-2:]), [None, warps, 32, vec])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    sch.vectorize(v)
+
+
 def schedule_wmma(sch: s_tir.Schedule, warps_m: int, warps_n: int, tiles_m: int, tiles_n: int, k_tiles: int,
                   pipeline: int) -> None:
     from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
@@ -92,11 +100,7 @@ def schedule_wmma(sch: s_tir.Schedule, warps_m: int, warps_n: int, tiles_m: int,
         stage = sch.cache_read(tile, operand, "shared.dyn")
         stages.append(stage)
         sch.compute_at(stage, ko)
-        flat = sch.fuse(*sch.get_loops(stage)[-2:])
-        _, ty, tx, v = sch.split(flat, [None, warps_m * warps_n, 32, 4])
-        sch.bind(ty, "threadIdx.y")
-        sch.bind(tx, "threadIdx.x")
-        sch.vectorize(v)
+        _spread(sch, stage, warps_m * warps_n, 4)
         sch.storage_align(stage, 0, axis=-2, factor=16, offset=8)   # rows 16 bytes apart: no bank conflicts
     # The decode (and M's zero padding) happens in the shared stages' loads.
     for name in ("decode", "x_pad") if padded else ("decode",):
@@ -146,12 +150,7 @@ def _pipeline(sch: s_tir.Schedule, ko, x_stage, w_stage, warps: int, depth: int)
     for operand, vec in ((0, 1), (1, 2)):       # words one at a time, scales two (cp.async moves 4+ bytes)
         raw = sch.cache_read(w_stage, operand, "shared.dyn")
         sch.compute_at(raw, ko)
-        loops = sch.get_loops(raw)
-        own = loops[[sch.get(loop).same_as(sch.get(ko)) for loop in loops].index(True) + 1:]
-        _, ty, tx, v = sch.split(sch.fuse(*own) if len(own) > 1 else own[0], [None, warps, 32, vec])
-        sch.bind(ty, "threadIdx.y")
-        sch.bind(tx, "threadIdx.x")
-        sch.vectorize(v)
+        _spread(sch, raw, warps, vec)   # rows x (K step / 8 words, or / 32 scales: 2 at least)
     # ko's body: the copies of x, words and scales (stage 0, async), the decode, the mma loop
     sch.annotate(ko, "software_pipeline_stage", [0, 0, 0, depth, depth])
     sch.annotate(ko, "software_pipeline_order", [0, 1, 2, 3, 4])
